@@ -1,0 +1,324 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""
+Convert the original ENAT checkpoints (github.com/LeapLabTHU/ENAT) to diffusers folders.
+
+    python conversion/convert_enat_to_diffusers.py --transformer-checkpoint nnet_ema.pth \
+        --vqgan-checkpoint vqgan_jax_strongaug.ckpt --preset enat-l-256 --output-dir enat-l-256
+
+Writes `OUT/transformer`, `OUT/vqvae` (with a VQGAN checkpoint) and, with both, a complete `ENATPipeline` folder.
+Everything but the head count and the encoder/decoder split is read from the checkpoint shapes.
+"""
+
+import argparse
+import math
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from diffusers import VQModel
+
+from enat_diffusers import ENATTransformer2DModel
+
+
+# Released checkpoints: the architecture not stored in the file, and the README's sampling settings.
+PRESETS = {
+    "enat-l-256": {
+        "num_attention_heads": 16,
+        "num_encoder_layers": 22,
+        "sample_size": 16,
+        "scheduler": {"guidance_scale": 2.5, "mask_temperature": 1.5, "sampling_temperature": 6.0},
+    },
+    "enat-l-512": {
+        "num_attention_heads": 16,
+        "num_encoder_layers": 22,
+        "sample_size": 32,
+        "scheduler": {"guidance_scale": 3.5, "mask_temperature": 1.5, "sampling_temperature": 4.0},
+    },
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Original keys with no counterpart: `prev_embedder` is built by the original model but never called.
+UNUSED_TRANSFORMER_PREFIXES = ("prev_embedder.",)
+
+TRANSFORMER_RENAMES = {
+    "x_embedder.word_embeddings.weight": "embed.word_embeddings.weight",
+    "x_embedder.position_embeddings.weight": "embed.position_embeddings.weight",
+    "x_embedder.LayerNorm.weight": "embed.norm.weight",
+    "x_embedder.LayerNorm.bias": "embed.norm.bias",
+    "y_embedder.embedding_table.weight": "class_embedding.weight",
+    "prev_proj.norm.weight": "prev_proj.norm.weight",
+    "prev_proj.norm.bias": "prev_proj.norm.bias",
+    "prev_proj.mlp.fc1.weight": "prev_proj.ff.fc1.weight",
+    "prev_proj.mlp.fc1.bias": "prev_proj.ff.fc1.bias",
+    "prev_proj.mlp.fc2.weight": "prev_proj.ff.fc2.weight",
+    "prev_proj.mlp.fc2.bias": "prev_proj.ff.fc2.bias",
+    "norm.weight": "norm_out.weight",
+    "norm.bias": "norm_out.bias",
+    "mlm_layer.fc.weight": "mlm_head.dense.weight",
+    "mlm_layer.fc.bias": "mlm_head.dense.bias",
+    "mlm_layer.ln.weight": "mlm_head.norm.weight",
+    "mlm_layer.ln.bias": "mlm_head.norm.bias",
+}
+
+BLOCK_RENAMES = {
+    "attn.kv.A": "attn.add_kv_proj",  # context tokens' key/value
+    "attn.proj": "attn.to_out",
+    "mlp.fc1": "ff.fc1",
+    "mlp.fc2": "ff.fc2",
+    "adaLN_modulation.1": "adaLN_modulation",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or key."""
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+def load_original_checkpoint(path) -> Dict[str, torch.Tensor]:
+    """Loads a `.pth`/`.ckpt` without executing code; unwraps `{"state_dict": ...}` and `module.` prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a zip/pickle, or pickled objects that are not plain tensors
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error})")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    state_dict = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor")
+        key = key[len("module."):] if key.startswith("module.") else key
+        if "position_ids" not in key:  # legacy buffer the original loader drops too
+            state_dict[key] = value
+    return state_dict
+
+
+def _require(state_dict, key, ndim):
+    if key not in state_dict:
+        raise CheckpointError(f"checkpoint is missing key '{key}'")
+    if state_dict[key].ndim != ndim:
+        raise CheckpointError(f"checkpoint key '{key}' has shape {list(state_dict[key].shape)}, expected {ndim} dims")
+    return state_dict[key].shape
+
+
+# ------------------------------------------------------------------------------------------------------ transformer
+
+
+def transformer_config_from_state_dict(state_dict, num_attention_heads: int, num_encoder_layers: int) -> dict:
+    """The `ENATTransformer2DModel` config of an original checkpoint; shapes give all but heads and the split."""
+    vocab_size, hidden_size = _require(state_dict, "x_embedder.word_embeddings.weight", 2)
+    num_positions = _require(state_dict, "x_embedder.position_embeddings.weight", 2)[0]
+    num_labels = _require(state_dict, "y_embedder.embedding_table.weight", 2)[0]
+    mlp_hidden = _require(state_dict, "blocks.0.mlp.fc1.weight", 2)[0]
+    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    side = math.isqrt(num_positions)
+    if side * side != num_positions:
+        raise CheckpointError(f"position embedding has {num_positions} rows, not a square token grid")
+    if not 0 < num_encoder_layers < depth:
+        raise CheckpointError(
+            f"checkpoint has {depth} blocks; num_encoder_layers={num_encoder_layers} leaves no decoder block"
+        )
+    return {
+        "sample_size": side,
+        "codebook_size": vocab_size - 1,  # last row is [MASK]
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "num_encoder_layers": num_encoder_layers,
+        "num_decoder_layers": depth - num_encoder_layers,
+        "mlp_ratio": mlp_hidden / hidden_size,
+        "num_classes": num_labels - 1,  # last row is the null class
+        "text_embed_dim": None,
+    }
+
+
+def convert_transformer_state_dict(original: Dict[str, torch.Tensor], num_encoder_layers: int) -> dict:
+    """Maps original `DiT` keys to `ENATTransformer2DModel` keys. Pure; raises on keys it does not know."""
+    converted = {}
+    for key, value in original.items():
+        if key.startswith(UNUSED_TRANSFORMER_PREFIXES) or key.startswith("blocks.") and ".attn.q." in key:
+            continue  # unused, or fused with kv.B below
+        if key in TRANSFORMER_RENAMES:
+            converted[TRANSFORMER_RENAMES[key]] = value
+        elif key == "mlm_layer.bias":
+            converted["mlm_head.bias"] = value.reshape(-1)[:-1]  # the [MASK] logit is never produced
+        elif match := re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", key):
+            index, name, kind = int(match.group(1)), match.group(2), match.group(3)
+            stack = "encoder_blocks" if index < num_encoder_layers else "decoder_blocks"
+            prefix = f"{stack}.{index if index < num_encoder_layers else index - num_encoder_layers}"
+            if name == "attn.kv.B":  # own tokens: fuse the query with their key/value
+                query_key = f"blocks.{index}.attn.q.{kind}"
+                if query_key not in original:
+                    raise CheckpointError(f"checkpoint is missing key '{query_key}'")
+                converted[f"{prefix}.attn.to_qkv.{kind}"] = torch.cat([original[query_key], value], dim=0)
+            elif name in BLOCK_RENAMES:
+                converted[f"{prefix}.{BLOCK_RENAMES[name]}.{kind}"] = value
+            else:
+                raise CheckpointError(f"unexpected key '{key}' in the transformer checkpoint")
+        else:
+            raise CheckpointError(f"unexpected key '{key}' in the transformer checkpoint")
+    return converted
+
+
+# ------------------------------------------------------------------------------------------------------------ VQGAN
+
+
+def vqgan_config_from_state_dict(state_dict) -> dict:
+    """The diffusers `VQModel` config of an original (taming, MaskGIT-JAX variant) VQGAN state dict."""
+    num_levels = len({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if num_levels == 0:
+        raise CheckpointError("checkpoint has no 'encoder.down.*' keys: not an ENAT VQGAN")
+    layers = len({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    channels = [_require(state_dict, f"encoder.down.{i}.block.0.conv1.weight", 4)[0] for i in range(num_levels)]
+    num_codes, embed_dim = _require(state_dict, "quantize.embedding.weight", 2)
+    return {
+        "in_channels": _require(state_dict, "encoder.conv_in.weight", 4)[1],
+        "out_channels": _require(state_dict, "decoder.conv_out.weight", 4)[0],
+        "down_block_types": ["DownEncoderBlock2D"] * num_levels,
+        "up_block_types": ["UpDecoderBlock2D"] * num_levels,
+        "block_out_channels": channels,
+        "layers_per_block": layers,
+        "act_fn": "silu",
+        "latent_channels": embed_dim,
+        "vq_embed_dim": embed_dim,
+        "num_vq_embeddings": num_codes,
+        "norm_num_groups": 32,
+        "norm_type": "group",
+        "mid_block_add_attention": False,
+        "lookup_from_codebook": True,
+        "force_upcast": False,
+        "scaling_factor": 1.0,
+        "sample_size": 256,
+    }
+
+
+def _convert_resnet(original, source, target, converted):
+    """Taming resnet -> diffusers `ResnetBlock2D`: zero conv biases, fold `a + nin_shortcut(a)` into conv2."""
+    for norm in ("norm1", "norm2"):
+        for kind in ("weight", "bias"):
+            converted[f"{target}.{norm}.{kind}"] = original.pop(f"{source}.{norm}.{kind}")
+    conv1, conv2 = original.pop(f"{source}.conv1.weight"), original.pop(f"{source}.conv2.weight")
+    converted[f"{target}.conv1.weight"] = conv1
+    converted[f"{target}.conv1.bias"] = conv1.new_zeros(conv1.shape[0])
+    converted[f"{target}.conv2.bias"] = conv2.new_zeros(conv2.shape[0])
+    shortcut = original.pop(f"{source}.nin_shortcut.weight", None)
+    if shortcut is None:
+        converted[f"{target}.conv2.weight"] = conv2
+        return
+    # The taming block outputs a + W_sc a (no input path): fold (I + W_sc) into conv2, zero diffusers' x shortcut.
+    fold = torch.eye(shortcut.shape[0], dtype=torch.float64) + shortcut[:, :, 0, 0].double()
+    converted[f"{target}.conv2.weight"] = torch.einsum("om,mikl->oikl", fold, conv2.double()).to(conv2.dtype)
+    converted[f"{target}.conv_shortcut.weight"] = conv1.new_zeros(conv1.shape[0], conv1.shape[1], 1, 1)
+    converted[f"{target}.conv_shortcut.bias"] = conv1.new_zeros(conv1.shape[0])
+
+
+def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
+    """
+    Maps the original VQGAN to diffusers `VQModel` weights with the surgery of reference/VQ_MAPPING.md: parameter-free
+    average pooling and the 1x1 `conv_out` become fixed convolutions, identity quant convs and identity extra decoder
+    resnets are inserted. Pure; raises on keys it does not consume.
+    """
+    config = vqgan_config_from_state_dict(original)
+    original = dict(original)
+    levels, layers, embed_dim = len(config["block_out_channels"]), config["layers_per_block"], config["latent_channels"]
+    converted = {}
+
+    def move(source, target):
+        if source not in original:
+            raise CheckpointError(f"checkpoint is missing key '{source}'")
+        converted[target] = original.pop(source)
+
+    # encoder
+    move("encoder.conv_in.weight", "encoder.conv_in.weight")
+    converted["encoder.conv_in.bias"] = converted["encoder.conv_in.weight"].new_zeros(config["block_out_channels"][0])
+    for i in range(levels):
+        for j in range(layers):
+            _convert_resnet(original, f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", converted)
+        if i < levels - 1:  # 2x2 average pooling as diffusers' padded stride-2 3x3 conv
+            channels = config["block_out_channels"][i]
+            kernel = torch.zeros(channels, channels, 3, 3)
+            kernel[range(channels), range(channels), 0:2, 0:2] = 0.25
+            converted[f"encoder.down_blocks.{i}.downsamplers.0.conv.weight"] = kernel
+            converted[f"encoder.down_blocks.{i}.downsamplers.0.conv.bias"] = torch.zeros(channels)
+    for source, target in (("block_1", "resnets.0"), ("block_2", "resnets.1")):
+        _convert_resnet(original, f"encoder.mid.{source}", f"encoder.mid_block.{target}", converted)
+    move("encoder.norm_out.weight", "encoder.conv_norm_out.weight")
+    move("encoder.norm_out.bias", "encoder.conv_norm_out.bias")
+    conv_out = original.pop("encoder.conv_out.weight")  # 1x1 -> centred 3x3
+    converted["encoder.conv_out.weight"] = conv_out.new_zeros(*conv_out.shape[:2], 3, 3)
+    converted["encoder.conv_out.weight"][:, :, 1, 1] = conv_out[:, :, 0, 0]
+    move("encoder.conv_out.bias", "encoder.conv_out.bias")
+
+    # quantizer, between identity 1x1 convs
+    move("quantize.embedding.weight", "quantize.embedding.weight")
+    for conv in ("quant_conv", "post_quant_conv"):
+        converted[f"{conv}.weight"] = torch.eye(embed_dim).reshape(embed_dim, embed_dim, 1, 1)
+        converted[f"{conv}.bias"] = torch.zeros(embed_dim)
+
+    # decoder: taming level i is diffusers up block (levels - 1 - i), which has one extra (identity) resnet
+    move("decoder.conv_in.weight", "decoder.conv_in.weight")
+    move("decoder.conv_in.bias", "decoder.conv_in.bias")
+    for source, target in (("block_1", "resnets.0"), ("block_2", "resnets.1")):
+        _convert_resnet(original, f"decoder.mid.{source}", f"decoder.mid_block.{target}", converted)
+    for i in range(levels):
+        up = f"decoder.up_blocks.{levels - 1 - i}"
+        for j in range(layers):
+            _convert_resnet(original, f"decoder.up.{i}.block.{j}", f"{up}.resnets.{j}", converted)
+        channels = config["block_out_channels"][i]
+        identity = f"{up}.resnets.{layers}"  # output x + conv2(...) with conv2 = 0
+        converted[f"{identity}.norm1.weight"], converted[f"{identity}.norm1.bias"] = torch.ones(channels), torch.zeros(channels)
+        converted[f"{identity}.norm2.weight"], converted[f"{identity}.norm2.bias"] = torch.ones(channels), torch.zeros(channels)
+        for conv in ("conv1", "conv2"):
+            converted[f"{identity}.{conv}.weight"] = torch.zeros(channels, channels, 3, 3)
+            converted[f"{identity}.{conv}.bias"] = torch.zeros(channels)
+        if i > 0:
+            move(f"decoder.up.{i}.upsample.conv.weight", f"{up}.upsamplers.0.conv.weight")
+            move(f"decoder.up.{i}.upsample.conv.bias", f"{up}.upsamplers.0.conv.bias")
+    for kind in ("weight", "bias"):
+        move(f"decoder.norm_out.{kind}", f"decoder.conv_norm_out.{kind}")
+        move(f"decoder.conv_out.{kind}", f"decoder.conv_out.{kind}")
+
+    if original:
+        raise CheckpointError(f"unexpected key '{sorted(original)[0]}' in the VQGAN checkpoint")
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def load_converted(model, converted: dict, what: str):
+    """Strict load with messages that name the offending key."""
+    expected = model.state_dict()
+    for key in expected:
+        if key not in converted:
+            raise CheckpointError(f"{what} checkpoint does not provide '{key}'")
+    for key, value in converted.items():
+        if key not in expected:
+            raise CheckpointError(f"{what} checkpoint has unexpected parameter '{key}'")
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{what} checkpoint key for '{key}' has shape {list(value.shape)}, expected {list(expected[key].shape)}"
+            )
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def build_transformer(original, num_attention_heads: int, num_encoder_layers: int) -> ENATTransformer2DModel:
+    config = transformer_config_from_state_dict(original, num_attention_heads, num_encoder_layers)
+    model = ENATTransformer2DModel(**config)
+    return load_converted(model, convert_transformer_state_dict(original, num_encoder_layers), "transformer")
+
+
+def build_vqvae(original) -> VQModel:
+    model = VQModel(**vqgan_config_from_state_dict(original))
+    return load_converted(model, convert_vqgan_state_dict(original), "VQGAN")

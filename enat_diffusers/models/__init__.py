@@ -1,0 +1,1 @@
+from .transformer_enat import ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput

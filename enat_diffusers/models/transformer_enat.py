@@ -1,0 +1,493 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""ENAT (EfficientNAT, NeurIPS 2024) as a diffusers model.
+
+ENAT is a non-autoregressive transformer over VQ tokens. Two ideas shape this file (paper §4):
+
+* Spatial: visible tokens are encoded on their own by a deep encoder; [MASK] tokens are decoded by a shallow decoder
+  that attends to [encoded visible tokens, masked tokens]. Context tokens and a block's own tokens use separate
+  key/value projections and separate adaLN shift/scale.
+* Temporal: between sampling steps only the newly revealed tokens are encoded. Everything visible before is reused:
+  the previous step's final features, passed through a small residual MLP (`prev_proj`), serve as their context.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+@dataclass
+class ENATReuseState(BaseOutput):
+    """
+    What one forward pass leaves for the next sampling step (ENAT's temporal reuse).
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Final hidden states of every image token, in raster order, before the output norm. Only the positions
+            that are visible (not masked) in `mask` are read by the next step.
+        mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`):
+            `True` where the token was [MASK] in this step's input.
+        text_hidden_states (`torch.Tensor` of shape `(batch_size, text_sequence_length, hidden_size)`, *optional*):
+            Final hidden states of the text tokens (text-to-image models only).
+    """
+
+    hidden_states: torch.Tensor
+    mask: torch.BoolTensor
+    text_hidden_states: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ENATTransformer2DModelOutput(BaseOutput):
+    """
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, sequence_length, codebook_size)`):
+            Unnormalised scores over the VQ codebook at every position (the [MASK] id is never a prediction).
+        reuse_state (`ENATReuseState`):
+            Pass it as `reuse_state` to the next step's forward to encode only the tokens revealed in between.
+    """
+
+    logits: torch.Tensor
+    reuse_state: ENATReuseState
+
+
+def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return hidden_states * (1 + scale) + shift
+
+
+class ENATFeedForward(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, inner_dim)
+        self.fc2 = nn.Linear(inner_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(hidden_states), approximate="tanh"))
+
+
+class ENATTokenEmbedding(nn.Module):
+    """Token embedding (codebook + [MASK]) plus a learned absolute position embedding, then LayerNorm."""
+
+    def __init__(self, vocab_size: int, num_positions: int, hidden_size: int):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.position_embeddings = nn.Embedding(num_positions, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        positions = self.position_embeddings.weight[: input_ids.shape[1]]
+        return self.norm(self.word_embeddings(input_ids) + positions)  # (B, L, D)
+
+
+class ENATPrevProjection(nn.Module):
+    """Residual MLP applied to last step's features before they serve as context again (paper §4.2)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.ff = ENATFeedForward(hidden_size, 4 * hidden_size)  # always 4x, whatever mlp_ratio is
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.ff(self.norm(hidden_states))
+
+
+class ENATAttention(nn.Module):
+    """
+    Multi-head attention in which queries come only from the block's own tokens, and keys/values come from
+    [context tokens, own tokens] through two separate projections (`add_kv_proj` for the context, `to_qkv` for the
+    own tokens). Context tokens are read, never updated.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {num_heads}")
+        self.num_heads = num_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)  # own tokens: query | key | value
+        self.add_kv_proj = nn.Linear(dim, 2 * dim)  # context tokens: key | value
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch_size, seq_len, dim = hidden_states.shape
+        head_dim = dim // self.num_heads
+
+        qkv = self.to_qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+        if context is not None:
+            context_kv = self.add_kv_proj(context).view(batch_size, context.shape[1], 2, self.num_heads, head_dim)
+            context_key, context_value = context_kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Nc, Dh)
+            key = torch.cat([context_key, key], dim=2)  # (B, H, Nc + N, Dh)
+            value = torch.cat([context_value, value], dim=2)
+
+        attn_output = F.scaled_dot_product_attention(query, key, value)  # (B, H, N, Dh)
+        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_len, dim)
+        return self.to_out(attn_output)
+
+
+class ENATBlock(nn.Module):
+    """
+    Transformer block with 8-way adaLN modulation: shift/scale for the own tokens, shift/scale for the context
+    tokens, an attention gate, and shift/scale/gate for the MLP. The same block type serves encoder and decoder.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.norm1_context = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = ENATAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.ff = ENATFeedForward(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Linear(dim, 8 * dim)  # applied to SiLU(condition)
+
+    def forward(
+        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        modulation = self.adaLN_modulation(F.silu(conditioning)).unsqueeze(1)  # (B, 1, 8D)
+        shift_msa, scale_msa, shift_ctx, scale_ctx, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(8, -1)
+
+        norm_hidden_states = modulate(self.norm1(hidden_states), shift_msa, scale_msa)
+        if context is not None:
+            context = modulate(self.norm1_context(context), shift_ctx, scale_ctx)
+        hidden_states = hidden_states + gate_msa * self.attn(norm_hidden_states, context)
+
+        norm_hidden_states = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
+        return hidden_states + gate_mlp * self.ff(norm_hidden_states)
+
+
+class ENATMlmHead(nn.Module):
+    """Dense -> exact GELU -> LayerNorm, then scores against the (tied) token embedding table."""
+
+    def __init__(self, hidden_size: int, codebook_size: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-5)
+        self.bias = nn.Parameter(torch.zeros(codebook_size))
+
+    def forward(self, hidden_states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.norm(F.gelu(self.dense(hidden_states)))
+        return F.linear(hidden_states, word_embeddings, self.bias)
+
+
+class ENATTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""
+    The ENAT transformer: predicts VQ codes for every [MASK] token of a token grid.
+
+    Class-conditional models (the released ENAT checkpoints) take `class_labels`; the adaLN condition is a label
+    embedding and the null class `num_classes` is the unconditional label.
+
+    Text-to-image models (`text_embed_dim` set, `num_classes=None`) are this package's extension; the authors
+    released no text code and the paper only says text embeddings are concatenated with the visual tokens. Here text
+    tokens are *always-visible tokens*: they are projected to the hidden size, encoded by the encoder together with
+    the visible image tokens, attended to by the decoder like any visible token, and with reuse they are encoded once
+    (when there is no reuse state) and from then on reused through `prev_proj` like any previously visible token. The
+    adaLN condition is a projection of the pooled text embedding. No attention mask is used for padded text
+    positions (as in U-ViT's text models): the pad features of a causal text encoder are deterministic functions of
+    the prompt.
+
+    Args:
+        sample_size (`int`, defaults to 16): Side of the token grid; the sequence length is `sample_size**2`.
+        codebook_size (`int`, defaults to 1024): Number of VQ codes. The [MASK] token id is `codebook_size`.
+        hidden_size (`int`, defaults to 1024): Width of the transformer.
+        num_attention_heads (`int`, defaults to 16): Number of attention heads.
+        num_encoder_layers (`int`, defaults to 22): Blocks that encode visible tokens.
+        num_decoder_layers (`int`, defaults to 2): Blocks that decode [MASK] tokens.
+        mlp_ratio (`float`, defaults to 4.0): Hidden width of the block MLPs relative to `hidden_size`.
+        num_classes (`int`, *optional*, defaults to 1000): Number of classes of a class-conditional model. The
+            null (unconditional) class id is `num_classes`. `None` for text-to-image models.
+        text_embed_dim (`int`, *optional*): Width of the text encoder's token and pooled embeddings (768 for CLIP
+            ViT-L/14). Set for text-to-image models only.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["ENATBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        # token grid
+        sample_size: int = 16,
+        codebook_size: int = 1024,
+        # transformer
+        hidden_size: int = 1024,
+        num_attention_heads: int = 16,
+        num_encoder_layers: int = 22,
+        num_decoder_layers: int = 2,
+        mlp_ratio: float = 4.0,
+        # conditioning: exactly one of the two
+        num_classes: Optional[int] = 1000,
+        text_embed_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        if (num_classes is None) == (text_embed_dim is None):
+            raise ValueError(
+                "Set exactly one of `num_classes` (class-conditional model) and `text_embed_dim` (text-to-image "
+                f"model); got num_classes={num_classes}, text_embed_dim={text_embed_dim}."
+            )
+        if num_decoder_layers < 1:
+            raise ValueError(f"num_decoder_layers must be at least 1, got {num_decoder_layers}.")
+
+        # vocabulary: the codebook plus [MASK] (id = codebook_size)
+        self.embed = ENATTokenEmbedding(codebook_size + 1, sample_size**2, hidden_size)
+        if num_classes is not None:
+            self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)  # last row: null class
+        else:
+            self.context_embedder = nn.Linear(text_embed_dim, hidden_size)
+            self.pooled_text_embedder = nn.Linear(text_embed_dim, hidden_size)
+
+        self.prev_proj = ENATPrevProjection(hidden_size)
+        self.encoder_blocks = nn.ModuleList(
+            [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_encoder_layers)]
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_decoder_layers)]
+        )
+        self.norm_out = nn.LayerNorm(hidden_size, eps=1e-5)
+        self.mlm_head = ENATMlmHead(hidden_size, codebook_size)
+
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Initialisation of the original training code: Xavier linears, N(0, 0.02) embeddings, zero adaLN."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in [*self.encoder_blocks, *self.decoder_blocks]:
+            # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation.weight)
+            nn.init.zeros_(block.adaLN_modulation.bias)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def null_class_label(self) -> Optional[int]:
+        return self.config.num_classes
+
+    def _run_blocks(self, blocks, hidden_states, conditioning, context):
+        for block in blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning, context)
+            else:
+                hidden_states = block(hidden_states, conditioning, context)
+        return hidden_states
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        class_labels: Optional[torch.LongTensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        pooled_text_embeds: Optional[torch.Tensor] = None,
+        reuse_state: Optional[ENATReuseState] = None,
+        return_dict: bool = True,
+    ) -> Union[ENATTransformer2DModelOutput, tuple]:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, height, width)`):
+                Token ids in raster order; `codebook_size` ([MASK]) where the token is unknown. Every row must have
+                the same number of [MASK] tokens (the encoder/decoder split needs equal token counts).
+            class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class ids in `[0, num_classes]`, `num_classes` being the null class. Class-conditional models only.
+            encoder_hidden_states (`torch.Tensor` of shape `(batch_size, text_sequence_length, text_embed_dim)`,
+                *optional*): Text token embeddings. Text-to-image models only. Ignored when `reuse_state` is given:
+                the text tokens were encoded by the step that produced it.
+            pooled_text_embeds (`torch.Tensor` of shape `(batch_size, text_embed_dim)`, *optional*):
+                Pooled text embedding, the adaLN condition of text-to-image models.
+            reuse_state (`ENATReuseState`, *optional*):
+                The `reuse_state` of the previous step's output. With it, only the tokens revealed since then are
+                encoded, with the previous features through `prev_proj` as context (ENAT §4.2). Tokens may only be
+                revealed, never hidden again. `None` runs the plain forward.
+            return_dict (`bool`, defaults to `True`):
+                Return an `ENATTransformer2DModelOutput` instead of a tuple `(logits, reuse_state)`.
+
+        Returns:
+            `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, sequence_length, codebook_size)` and
+            the `reuse_state` for the next step.
+        """
+        input_ids = self._check_input_ids(input_ids)
+        conditioning = self._embed_condition(input_ids.shape[0], class_labels, pooled_text_embeds)
+        mask = input_ids == self.mask_token_id  # (B, L)
+        num_masked, num_new = self._check_token_data(input_ids, class_labels, mask, reuse_state)
+        batch_size, seq_len = input_ids.shape
+        dim = self.config.hidden_size
+
+        # 1. Embed all tokens (the embeddings of tokens already in a reuse state go unused).
+        hidden_states = self.embed(input_ids)  # (B, L, D)
+
+        # 2. Partition positions into [previously visible | newly visible | masked], each in raster order.
+        if reuse_state is None:
+            group = mask.to(torch.uint8)  # 0 visible, 1 masked
+        else:
+            group = reuse_state.mask.to(torch.uint8) + mask.to(torch.uint8)  # 0 old, 1 new, 2 masked
+        order = torch.argsort(group, dim=1, stable=True).unsqueeze(-1).expand(-1, -1, dim)  # (B, L, D)
+        num_old = seq_len - num_masked - num_new
+        new_tokens, masked_tokens = hidden_states.gather(1, order[:, num_old:]).split([num_new, num_masked], dim=1)
+
+        # 3. Encoder on the newly visible tokens. Without a reuse state, text tokens are encoded with them; with one,
+        #    everything visible before (text included) is context only, as prev_proj(previous final features).
+        if reuse_state is None:
+            text_tokens = self._embed_text(batch_size, encoder_hidden_states)  # (B, T, D) or None
+            num_text = 0 if text_tokens is None else text_tokens.shape[1]
+            encoder_context = None
+            encoder_input = new_tokens if text_tokens is None else torch.cat([text_tokens, new_tokens], dim=1)
+        else:
+            old_states = reuse_state.hidden_states.gather(1, order[:, :num_old])  # (B, n_old, D)
+            text_states = reuse_state.text_hidden_states
+            num_text = 0 if text_states is None else text_states.shape[1]
+            old_states = old_states if text_states is None else torch.cat([text_states, old_states], dim=1)
+            encoder_context = self.prev_proj(old_states).to(hidden_states.dtype)  # (B, T + n_old, D)
+            encoder_input = new_tokens
+        if encoder_input.shape[1] > 0:
+            encoder_input = self._run_blocks(self.encoder_blocks, encoder_input, conditioning, encoder_context)
+        visible = encoder_input if encoder_context is None else torch.cat([encoder_context, encoder_input], dim=1)
+
+        # 4. Decoder: masked tokens attend to [all visible tokens, masked tokens].
+        decoder_context = visible if visible.shape[1] > 0 else None
+        masked_tokens = self._run_blocks(self.decoder_blocks, masked_tokens, conditioning, decoder_context)
+
+        # 5. Image tokens back to raster order; text tokens lead the visible set.
+        text_states, image_states = visible.split([num_text, seq_len - num_masked], dim=1)
+        ordered = torch.cat([image_states, masked_tokens], dim=1)  # (B, L, D), aligned with `order`
+        hidden_states = torch.zeros_like(ordered).scatter(1, order, ordered)  # (B, L, D)
+
+        # 6. Output head, tied to the token embedding ([MASK] row excluded; the original detaches the table).
+        word_embeddings = self.embed.word_embeddings.weight[: self.config.codebook_size].detach()
+        logits = self.mlm_head(self.norm_out(hidden_states), word_embeddings)  # (B, L, K)
+
+        text_states = text_states if self.config.text_embed_dim is not None else None
+        state = ENATReuseState(hidden_states=hidden_states, mask=mask, text_hidden_states=text_states)
+        if not return_dict:
+            return (logits, state)
+        return ENATTransformer2DModelOutput(logits=logits, reuse_state=state)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        side = self.config.sample_size
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
+        if input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side):
+            return input_ids.reshape(input_ids.shape[0], side * side).long()
+        if input_ids.ndim == 2 and input_ids.shape[1] == side * side:
+            return input_ids.long()
+        raise ValueError(
+            f"input_ids must have shape (batch_size, {side * side}) or (batch_size, {side}, {side}) for this model's "
+            f"{side}x{side} token grid, got {tuple(input_ids.shape)}."
+        )
+
+    def _embed_condition(self, batch_size, class_labels, pooled_text_embeds) -> torch.Tensor:
+        """The adaLN condition, (B, D)."""
+        if self.config.num_classes is not None:
+            if class_labels is None or pooled_text_embeds is not None:
+                raise ValueError("This is a class-conditional model: pass `class_labels` and no text embeddings.")
+            class_labels = class_labels.reshape(-1)
+            if class_labels.shape[0] != batch_size or class_labels.is_floating_point():
+                raise ValueError(
+                    f"class_labels must be {batch_size} integer labels (one per row of input_ids), got a "
+                    f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}."
+                )
+            return self.class_embedding(class_labels)
+        if class_labels is not None or pooled_text_embeds is None:
+            raise ValueError("This is a text-to-image model: pass `pooled_text_embeds` (and `encoder_hidden_states` "
+                             "without a reuse state), not `class_labels`.")
+        expected = (batch_size, self.config.text_embed_dim)
+        if tuple(pooled_text_embeds.shape) != expected:
+            raise ValueError(f"pooled_text_embeds must have shape {expected}, got {tuple(pooled_text_embeds.shape)}.")
+        return self.pooled_text_embedder(pooled_text_embeds.to(self.dtype))
+
+    def _embed_text(self, batch_size, encoder_hidden_states) -> Optional[torch.Tensor]:
+        if self.config.text_embed_dim is None:
+            if encoder_hidden_states is not None:
+                raise ValueError("This is a class-conditional model: it takes no `encoder_hidden_states`.")
+            return None
+        if encoder_hidden_states is None:
+            raise ValueError("A text-to-image model needs `encoder_hidden_states` when no `reuse_state` is given.")
+        if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size
+                or encoder_hidden_states.shape[2] != self.config.text_embed_dim):
+            raise ValueError(
+                f"encoder_hidden_states must have shape ({batch_size}, text_sequence_length, "
+                f"{self.config.text_embed_dim}), got {tuple(encoder_hidden_states.shape)}."
+            )
+        return self.context_embedder(encoder_hidden_states.to(self.dtype))
+
+    def _check_token_data(self, input_ids, class_labels, mask, reuse_state) -> tuple:
+        """
+        Validates the data of the inputs and returns `(num_masked, num_newly_visible)` per row. All checks share one
+        device-to-host transfer, which the token split sizes need anyway.
+        """
+        batch_size, seq_len = input_ids.shape
+        num_masked = mask.sum(1)  # (B,)
+        stats = [
+            ((input_ids < 0) | (input_ids > self.mask_token_id)).sum(),
+            num_masked.min(),
+            num_masked.max(),
+        ]
+        if class_labels is not None:
+            class_labels = class_labels.reshape(-1)
+            stats.append(((class_labels < 0) | (class_labels > self.config.num_classes)).sum())
+        if reuse_state is not None:
+            self._check_reuse_state(reuse_state, batch_size, seq_len)
+            prev_masked = reuse_state.mask.sum(1)
+            stats += [prev_masked.min(), prev_masked.max(), (mask & ~reuse_state.mask).sum()]
+        stats = torch.stack([s.to(device=input_ids.device, dtype=torch.long) for s in stats]).tolist()
+
+        bad_ids, min_masked, max_masked = stats[:3]
+        if bad_ids:
+            raise ValueError(
+                f"input_ids has {bad_ids} id(s) outside [0, {self.mask_token_id}] (codebook ids 0.."
+                f"{self.mask_token_id - 1}, [MASK] = {self.mask_token_id})."
+            )
+        if min_masked != max_masked:
+            raise ValueError(
+                f"Every row of input_ids must have the same number of [MASK] tokens (ENAT's encoder/decoder split "
+                f"needs it); got rows with between {min_masked} and {max_masked}."
+            )
+        if class_labels is not None and stats[3]:
+            raise ValueError(
+                f"class_labels has {stats[3]} label(s) outside [0, {self.config.num_classes}] "
+                f"({self.config.num_classes} is the null class)."
+            )
+        if reuse_state is None:
+            return min_masked, seq_len - min_masked
+        prev_min, prev_max, rehidden = stats[-3:]
+        if prev_min != prev_max:
+            raise ValueError("reuse_state.mask has rows with different numbers of masked tokens.")
+        if rehidden:
+            raise ValueError(
+                f"{rehidden} token(s) are masked now but were visible in reuse_state: with reuse, tokens may only be "
+                "revealed, never hidden again. Run without reuse_state to start over."
+            )
+        return min_masked, prev_min - min_masked
+
+    def _check_reuse_state(self, state: ENATReuseState, batch_size: int, seq_len: int):
+        if not isinstance(state, ENATReuseState):
+            raise ValueError(f"reuse_state must be an ENATReuseState, got {type(state).__name__}.")
+        expected = (batch_size, seq_len, self.config.hidden_size)
+        if tuple(state.hidden_states.shape) != expected:
+            raise ValueError(
+                f"reuse_state.hidden_states has shape {tuple(state.hidden_states.shape)}, but this input needs "
+                f"{expected}: the state must come from the same batch and model."
+            )
+        if tuple(state.mask.shape) != (batch_size, seq_len) or state.mask.dtype != torch.bool:
+            raise ValueError(
+                f"reuse_state.mask must be a bool tensor of shape {(batch_size, seq_len)}, got a {state.mask.dtype} "
+                f"tensor of shape {tuple(state.mask.shape)}."
+            )
+        has_text = state.text_hidden_states is not None
+        if has_text != (self.config.text_embed_dim is not None):
+            raise ValueError("reuse_state does not fit this model: text hidden states are "
+                             f"{'present' if has_text else 'missing'}.")
+        if has_text and (state.text_hidden_states.shape[0] != batch_size
+                         or state.text_hidden_states.shape[2] != self.config.hidden_size):
+            raise ValueError(f"reuse_state.text_hidden_states has shape {tuple(state.text_hidden_states.shape)}, "
+                             f"expected ({batch_size}, text_sequence_length, {self.config.hidden_size}).")
