@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 from diffusers import VQModel
 
-from enat_diffusers import ENATTransformer2DModel
+from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler
 
 
 # Released checkpoints: the architecture not stored in the file, and the README's sampling settings.
@@ -322,3 +322,90 @@ def build_transformer(original, num_attention_heads: int, num_encoder_layers: in
 def build_vqvae(original) -> VQModel:
     model = VQModel(**vqgan_config_from_state_dict(original))
     return load_converted(model, convert_vqgan_state_dict(original), "VQGAN")
+
+
+def imagenet_id2label(num_classes: int) -> Optional[Dict[int, str]]:
+    """ImageNet-1k class names (torchvision's list, shipped offline) for 1000-class models, else `None`."""
+    if num_classes != 1000:
+        return None
+    from torchvision.models import ResNet50_Weights
+
+    return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
+
+
+def build_pipeline(transformer: ENATTransformer2DModel, vqvae: VQModel, scheduler_config: dict) -> ENATPipeline:
+    if vqvae.config.num_vq_embeddings != transformer.config.codebook_size:
+        raise CheckpointError(
+            f"the VQGAN has {vqvae.config.num_vq_embeddings} codes but the transformer predicts "
+            f"{transformer.config.codebook_size}: these checkpoints do not belong together"
+        )
+    scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size, **scheduler_config)
+    return ENATPipeline(transformer=transformer, scheduler=scheduler, vqvae=vqvae,
+                        id2label=imagenet_id2label(transformer.config.num_classes))
+
+
+# --------------------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transformer-checkpoint", required=True, help="original ENAT weights (e.g. nnet_ema.pth)")
+    parser.add_argument("--vqgan-checkpoint", help="original VQGAN weights (vqgan_jax_strongaug.ckpt)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT checkpoint")
+    parser.add_argument("--num-attention-heads", type=int, help="without --preset: attention heads")
+    parser.add_argument("--num-encoder-layers", type=int, help="without --preset: encoder blocks (the rest decode)")
+    parser.add_argument("--output-dir", required=True, help="folder to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    args = parser.parse_args(argv)
+    custom = args.num_attention_heads is not None or args.num_encoder_layers is not None
+    if args.preset and custom:
+        parser.error("pass either --preset or --num-attention-heads/--num-encoder-layers, not both")
+    if not args.preset and (args.num_attention_heads is None or args.num_encoder_layers is None):
+        parser.error("pass --preset, or both --num-attention-heads and --num-encoder-layers")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not args.overwrite:
+        sys.exit(f"error: {output_dir} already exists; pass --overwrite to replace it")
+    preset = PRESETS.get(args.preset, {})
+    heads = preset.get("num_attention_heads", args.num_attention_heads)
+    encoder_layers = preset.get("num_encoder_layers", args.num_encoder_layers)
+
+    try:
+        transformer = build_transformer(load_original_checkpoint(args.transformer_checkpoint), heads, encoder_layers)
+        if preset and transformer.config.sample_size != preset["sample_size"]:
+            side = transformer.config.sample_size
+            raise CheckpointError(f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
+                                  f"token grid, but the checkpoint has {side}x{side}")
+        vqvae = build_vqvae(load_original_checkpoint(args.vqgan_checkpoint)) if args.vqgan_checkpoint else None
+        pipeline = build_pipeline(transformer, vqvae, preset.get("scheduler", {})) if vqvae is not None else None
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+
+    # Write next to the target, then move into place: a failed run leaves no half-written folder behind.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        for model in (transformer, vqvae):
+            if model is not None:
+                torch.nn.Module.to(model, DTYPES[args.dtype])
+        if pipeline is not None:
+            pipeline.save_pretrained(staging)
+        else:
+            transformer.save_pretrained(staging / "transformer")
+        if output_dir.exists():
+            shutil.rmtree(output_dir) if output_dir.is_dir() else output_dir.unlink()
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = "pipeline" if pipeline is not None else "transformer"
+    print(f"wrote the {written} ({transformer.num_parameters():,} transformer parameters) to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+from .pipeline_enat import ENATPipeline

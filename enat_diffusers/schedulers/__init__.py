@@ -1,0 +1,1 @@
+from .scheduling_masked_token import MaskedTokenScheduler, MaskedTokenSchedulerOutput

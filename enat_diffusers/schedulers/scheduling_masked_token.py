@@ -1,0 +1,309 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Confidence-based masked-token sampling (MaskGIT family) with ENAT's schedule and AutoNAT's per-step strategies."""
+
+import math
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class MaskedTokenSchedulerOutput(BaseOutput):
+    """
+    Args:
+        prev_sample (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, height, width)`):
+            Token ids for the next step: the sampled ids with the least confident ones set back to [MASK].
+        pred_original_sample (`torch.LongTensor`, same shape as `prev_sample`):
+            The sampled ids with every masked position filled in; the final image tokens at the last step.
+    """
+
+    prev_sample: torch.LongTensor
+    pred_original_sample: torch.LongTensor
+
+
+GeneratorType = Union[torch.Generator, List[torch.Generator], None]
+
+
+def cosine_mask_ratio(progress: float) -> float:
+    """ENAT/MaskGIT cosine schedule: fraction of tokens still masked after `progress` of the steps, in float64.
+
+    (float32 `cos(pi/2)` is negative, which would re-mask all but one token at the last step.)
+    """
+    return math.cos(progress * math.pi / 2)
+
+
+def num_tokens_to_mask(seq_len: int, mask_ratio: float) -> int:
+    """How many tokens stay masked after a step: `floor(L * ratio)`, as in ENAT (no clamping)."""
+    return math.floor(seq_len * mask_ratio)
+
+
+def lowest_scores_mask(scores: torch.Tensor, num_lowest: int) -> torch.BoolTensor:
+    """`True` at the `num_lowest` lowest-scoring positions of every row (ties broken by position)."""
+    lowest = torch.sort(scores, dim=-1, stable=True).indices[:, :num_lowest]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, lowest, True)
+
+
+def uniform_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+    """U[0, 1) noise in float32. A list of generators draws row `i` from `generator[i]`, so that a batch gives the
+    same numbers as its rows run one at a time."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got a list of {len(generator)} generators for a batch of {shape[0]}.")
+        rows = [torch.rand(shape[1:], generator=g, device=g.device).to(device) for g in generator]
+        return torch.stack(rows)
+    generator_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=generator_device).to(device)
+
+
+def gumbel_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torch.device) -> torch.Tensor:
+    uniform = uniform_noise(shape, generator, device).clamp_(min=torch.finfo(torch.float32).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_categorical(log_probs: torch.Tensor, uniform: torch.Tensor) -> torch.LongTensor:
+    """Inverse-CDF draw from `softmax(log_probs)` over the last dim, one uniform number per distribution."""
+    cdf = log_probs.softmax(dim=-1).cumsum(dim=-1)  # (..., K)
+    target = (uniform * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=log_probs.shape[-1] - 1)
+
+
+class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
+    r"""
+    Iterative confidence-based decoding of VQ tokens (MaskGIT family), with ENAT's schedule by default.
+
+    Each step samples every masked token, scores each sample by its log-probability plus annealed Gumbel noise, and
+    re-masks the least confident tokens so that `floor(L * mask_ratio)` stay masked. Tokens that are visible are
+    never re-masked. By default step `k` of `T` (with `r = (k + 1) / T`) uses
+
+    * mask ratio `cos(r * pi / 2)` (computed in float64),
+    * Gumbel temperature `mask_temperature * (1 - r)` on the confidence,
+    * sampling temperature `max(sampling_temperature * (1 - r), 1e-3)`,
+    * guidance scale `(k / T) * guidance_scale`, applied by the pipeline as `cond + s * (cond - uncond)` (so 0 means
+      no guidance).
+
+    A temperature of 0 is deterministic: argmax sampling, no Gumbel noise. Any of the four per-step quantities can
+    instead be given explicitly, as AutoNAT's searched generation strategies do; the lists then fix the number of
+    steps.
+
+    Args:
+        mask_token_id (`int`, defaults to 1024): Id of the [MASK] token (the transformer's `codebook_size`).
+        guidance_scale (`float`, defaults to 2.5): Final value of ENAT's linear guidance ramp.
+        mask_temperature (`float`, defaults to 1.5): Initial Gumbel temperature of the confidence scores.
+        sampling_temperature (`float`, defaults to 6.0): Initial temperature of token sampling.
+        mask_ratios (`List[float]`, *optional*): Fraction of tokens still masked after each step but the last
+            (`T - 1` non-increasing values; the last step reveals everything).
+        mask_temperatures (`List[float]`, *optional*): Gumbel temperature of each step but the last (`T - 1` values).
+        sampling_temperatures (`List[float]`, *optional*): Sampling temperature of each step (`T` values).
+        guidance_scales (`List[float]`, *optional*): Guidance scale of each step (`T` values).
+        beta_alpha (`float`, defaults to 12.0): `alpha` of the Beta distribution of training mask ratios.
+        beta_beta (`float`, defaults to 3.0): `beta` of the Beta distribution of training mask ratios.
+    """
+
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        mask_token_id: int = 1024,
+        # ENAT schedule
+        guidance_scale: float = 2.5,
+        mask_temperature: float = 1.5,
+        sampling_temperature: float = 6.0,
+        # explicit per-step strategy (AutoNAT)
+        mask_ratios: Optional[List[float]] = None,
+        mask_temperatures: Optional[List[float]] = None,
+        sampling_temperatures: Optional[List[float]] = None,
+        guidance_scales: Optional[List[float]] = None,
+        # training mask ratio ~ Beta(alpha, beta)
+        beta_alpha: float = 12.0,
+        beta_beta: float = 3.0,
+    ):
+        for name in ("guidance_scale", "mask_temperature", "sampling_temperature"):
+            _check_non_negative(name, [locals()[name]])
+        for name in ("mask_ratios", "mask_temperatures", "sampling_temperatures", "guidance_scales"):
+            if locals()[name] is not None:
+                _check_non_negative(name, locals()[name])
+        if mask_ratios is not None and (
+            any(r > 1 for r in mask_ratios) or any(b > a for a, b in zip(mask_ratios, mask_ratios[1:]))
+        ):
+            raise ValueError(f"mask_ratios must be non-increasing values in [0, 1], got {mask_ratios}.")
+        if beta_alpha <= 0 or beta_beta <= 0:
+            raise ValueError(f"beta_alpha and beta_beta must be positive, got {beta_alpha}, {beta_beta}.")
+        lengths = {len(v) + 1 for v in (mask_ratios, mask_temperatures) if v is not None}
+        lengths |= {len(v) for v in (sampling_temperatures, guidance_scales) if v is not None}
+        if len(lengths) > 1:
+            raise ValueError(
+                "The per-step lists disagree on the number of steps: mask_ratios and mask_temperatures need T - 1 "
+                "values, sampling_temperatures and guidance_scales T values."
+            )
+        self.num_inference_steps = None
+        self.timesteps = None
+
+    @property
+    def strategy_num_steps(self) -> Optional[int]:
+        """The number of steps fixed by explicit per-step lists, or `None` for ENAT's schedule."""
+        config = self.config
+        for values, extra in ((config.sampling_temperatures, 0), (config.guidance_scales, 0),
+                              (config.mask_ratios, 1), (config.mask_temperatures, 1)):
+            if values is not None:
+                return len(values) + extra
+        return None
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: Union[str, torch.device, None] = None,
+        guidance_scale: Optional[float] = None,
+        mask_temperature: Optional[float] = None,
+        sampling_temperature: Optional[float] = None,
+    ):
+        """
+        Prepares the per-step schedule. `guidance_scale`, `mask_temperature` and `sampling_temperature` override the
+        config values of ENAT's formulas; they cannot override an explicit per-step list.
+        """
+        steps = num_inference_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}.")
+        fixed = self.strategy_num_steps
+        if fixed is not None and fixed != steps:
+            raise ValueError(f"This scheduler's per-step strategy is for {fixed} steps, got num_inference_steps={steps}.")
+        config = self.config
+        overrides = {"guidance_scale": guidance_scale, "mask_temperature": mask_temperature,
+                     "sampling_temperature": sampling_temperature}
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            _check_non_negative(name, [value])
+            if config[name + "s"] is not None:
+                raise ValueError(f"This scheduler has an explicit per-step `{name}s` list; `{name}` cannot override it.")
+        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
+        mask_temp = config.mask_temperature if mask_temperature is None else mask_temperature
+        samp_temp = config.sampling_temperature if sampling_temperature is None else sampling_temperature
+
+        progress = [(k + 1) / steps for k in range(steps)]
+        if config.mask_ratios is not None:
+            self.step_mask_ratios = [float(r) for r in config.mask_ratios] + [0.0]
+        else:
+            self.step_mask_ratios = [cosine_mask_ratio(r) for r in progress]
+        if config.mask_temperatures is not None:
+            self.step_mask_temperatures = [float(t) for t in config.mask_temperatures] + [0.0]
+        else:
+            self.step_mask_temperatures = [mask_temp * (1 - r) for r in progress]
+        if config.sampling_temperatures is not None:
+            self.step_sampling_temperatures = [float(t) for t in config.sampling_temperatures]
+        else:  # ENAT floors the annealed temperature at 1e-3; 0 stays 0 (argmax)
+            self.step_sampling_temperatures = [max(samp_temp * (1 - r), 1e-3) if samp_temp > 0 else 0.0
+                                               for r in progress]
+        if config.guidance_scales is not None:
+            self.step_guidance_scales = [float(s) for s in config.guidance_scales]
+        else:  # step k uses the ratio of step k - 1: no guidance at the first step
+            self.step_guidance_scales = [(k / steps) * guidance for k in range(steps)]
+
+        self.num_inference_steps = steps
+        self.timesteps = torch.arange(steps, device=device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[int, torch.Tensor],
+        sample: torch.LongTensor,
+        generator: GeneratorType = None,
+        return_dict: bool = True,
+    ) -> Union[MaskedTokenSchedulerOutput, Tuple]:
+        """
+        One decoding step.
+
+        Args:
+            model_output (`torch.Tensor` of shape `(batch_size, sequence_length, codebook_size)`):
+                The (guided) logits at every position.
+            timestep (`int`): The step index, an entry of `self.timesteps`.
+            sample (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, height, width)`):
+                The current token ids, [MASK] (`mask_token_id`) where unknown.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
+                Source of all randomness; a list gives one generator per row.
+            return_dict (`bool`, defaults to `True`): Return a `MaskedTokenSchedulerOutput` instead of a tuple.
+        """
+        if self.timesteps is None:
+            raise ValueError("Call `set_timesteps` before `step`.")
+        step_index = int(timestep)
+        if not 0 <= step_index < self.num_inference_steps:
+            raise ValueError(f"timestep {step_index} is outside [0, {self.num_inference_steps}).")
+        batch_size = sample.shape[0]
+        ids = sample.reshape(batch_size, -1)  # (B, L)
+        seq_len = ids.shape[1]
+        if model_output.ndim != 3 or model_output.shape[:2] != (batch_size, seq_len):
+            raise ValueError(f"model_output must have shape ({batch_size}, {seq_len}, codebook_size), "
+                             f"got {tuple(model_output.shape)}.")
+
+        # 1. Sample every position (visible ones keep their id).
+        log_probs = torch.log_softmax(model_output.float(), dim=-1)  # (B, L, K)
+        is_masked = ids == self.config.mask_token_id
+        temperature = self.step_sampling_temperatures[step_index]
+        if temperature > 0:
+            sampled = sample_categorical(log_probs / temperature, uniform_noise(ids.shape, generator, ids.device))
+        else:
+            sampled = log_probs.argmax(dim=-1)
+        sampled = torch.where(is_masked, sampled, ids)  # (B, L)
+
+        # 2. Confidence: log-prob of the sample plus annealed Gumbel noise; visible tokens are certain.
+        confidence = log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        confidence = torch.where(is_masked, confidence, torch.inf)
+        mask_temperature = self.step_mask_temperatures[step_index]
+        if mask_temperature > 0:
+            confidence = confidence + mask_temperature * gumbel_noise(ids.shape, generator, ids.device)
+
+        # 3. Re-mask the least confident sampled tokens.
+        num_masked = num_tokens_to_mask(seq_len, self.step_mask_ratios[step_index])
+        remask = lowest_scores_mask(confidence, num_masked) & is_masked
+        prev_sample = torch.where(remask, self.config.mask_token_id, sampled)
+
+        prev_sample, sampled = prev_sample.reshape(sample.shape), sampled.reshape(sample.shape)
+        if not return_dict:
+            return (prev_sample, sampled)
+        return MaskedTokenSchedulerOutput(prev_sample=prev_sample, pred_original_sample=sampled)
+
+    def sample_mask_ratio(self, generator: Optional[torch.Generator] = None) -> float:
+        """A training mask ratio from Beta(beta_alpha, beta_beta), seeded from `generator`."""
+        generator_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator_device))
+        return random.Random(seed).betavariate(self.config.beta_alpha, self.config.beta_beta)
+
+    def add_noise(
+        self,
+        sample: torch.LongTensor,
+        generator: Optional[torch.Generator] = None,
+        mask_ratio: Optional[float] = None,
+    ) -> torch.LongTensor:
+        """
+        Training-time masking (ENAT): one mask ratio for the whole batch (drawn from Beta(alpha, beta) unless
+        `mask_ratio` is given), `round(L * ratio)` tokens clamped to `[1, L - 1]` masked at random in every row. Every
+        row gets the same count, as the transformer requires.
+
+        Args:
+            sample (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, height, width)`):
+                Clean token ids.
+            generator (`torch.Generator`, *optional*): Source of the ratio and the positions.
+            mask_ratio (`float`, *optional*): Use this ratio instead of drawing one.
+
+        Returns:
+            `torch.LongTensor` of the shape of `sample`, with [MASK] at the masked positions.
+        """
+        batch_size = sample.shape[0]
+        ids = sample.reshape(batch_size, -1)
+        seq_len = ids.shape[1]
+        if seq_len < 2:
+            raise ValueError("add_noise needs at least 2 tokens per sample.")
+        ratio = self.sample_mask_ratio(generator) if mask_ratio is None else float(mask_ratio)
+        count = min(max(round(seq_len * ratio), 1), seq_len - 1)
+        masked = lowest_scores_mask(uniform_noise(ids.shape, generator, ids.device), count)
+        return torch.where(masked, self.config.mask_token_id, ids).reshape(sample.shape)
+
+
+def _check_non_negative(name, values):
+    if any(not isinstance(v, (int, float)) or v < 0 or math.isnan(v) for v in values):
+        raise ValueError(f"{name} must be non-negative numbers, got {values}.")
