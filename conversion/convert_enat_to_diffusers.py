@@ -142,8 +142,48 @@ def transformer_config_from_state_dict(state_dict, num_attention_heads: int, num
     }
 
 
+def expected_transformer_shapes(config: dict) -> Dict[str, tuple]:
+    """Key -> shape of an original `DiT` checkpoint with this config (the unused `prev_embedder` excluded)."""
+    d, k, c = config["hidden_size"], config["codebook_size"], config["num_classes"]
+    mlp = int(d * config["mlp_ratio"])
+    shapes = {
+        "x_embedder.word_embeddings.weight": (k + 1, d),
+        "x_embedder.position_embeddings.weight": (config["sample_size"] ** 2, d),
+        "x_embedder.LayerNorm.weight": (d,), "x_embedder.LayerNorm.bias": (d,),
+        "y_embedder.embedding_table.weight": (c + 1, d),
+        "prev_proj.norm.weight": (d,), "prev_proj.norm.bias": (d,),
+        "prev_proj.mlp.fc1.weight": (4 * d, d), "prev_proj.mlp.fc1.bias": (4 * d,),
+        "prev_proj.mlp.fc2.weight": (d, 4 * d), "prev_proj.mlp.fc2.bias": (d,),
+        "norm.weight": (d,), "norm.bias": (d,),
+        "mlm_layer.fc.weight": (d, d), "mlm_layer.fc.bias": (d,),
+        "mlm_layer.ln.weight": (d,), "mlm_layer.ln.bias": (d,),
+        "mlm_layer.bias": (1, 1, k + 1),
+    }
+    block = {"attn.q": (d, d), "attn.kv.A": (2 * d, d), "attn.kv.B": (2 * d, d), "attn.proj": (d, d),
+             "mlp.fc1": (mlp, d), "mlp.fc2": (d, mlp), "adaLN_modulation.1": (8 * d, d)}
+    for index in range(config["num_encoder_layers"] + config["num_decoder_layers"]):
+        for name, (rows, cols) in block.items():
+            shapes[f"blocks.{index}.{name}.weight"] = (rows, cols)
+            shapes[f"blocks.{index}.{name}.bias"] = (rows,)
+    return shapes
+
+
+def check_layout(state_dict: dict, expected: Dict[str, tuple], what: str, ignored_prefixes=()):
+    """Raises `CheckpointError` naming the first missing, unexpected or wrongly shaped key."""
+    for key, shape in expected.items():
+        if key not in state_dict:
+            raise CheckpointError(f"{what} checkpoint is missing key '{key}'")
+        if tuple(state_dict[key].shape) != tuple(shape):
+            raise CheckpointError(
+                f"{what} checkpoint key '{key}' has shape {list(state_dict[key].shape)}, expected {list(shape)}"
+            )
+    for key in state_dict:
+        if key not in expected and not key.startswith(ignored_prefixes):
+            raise CheckpointError(f"unexpected key '{key}' in the {what} checkpoint")
+
+
 def convert_transformer_state_dict(original: Dict[str, torch.Tensor], num_encoder_layers: int) -> dict:
-    """Maps original `DiT` keys to `ENATTransformer2DModel` keys. Pure; raises on keys it does not know."""
+    """Maps original `DiT` keys to `ENATTransformer2DModel` keys (pure; the layout is checked by `check_layout`)."""
     converted = {}
     for key, value in original.items():
         if key.startswith(UNUSED_TRANSFORMER_PREFIXES) or key.startswith("blocks.") and ".attn.q." in key:
@@ -157,10 +197,8 @@ def convert_transformer_state_dict(original: Dict[str, torch.Tensor], num_encode
             stack = "encoder_blocks" if index < num_encoder_layers else "decoder_blocks"
             prefix = f"{stack}.{index if index < num_encoder_layers else index - num_encoder_layers}"
             if name == "attn.kv.B":  # own tokens: fuse the query with their key/value
-                query_key = f"blocks.{index}.attn.q.{kind}"
-                if query_key not in original:
-                    raise CheckpointError(f"checkpoint is missing key '{query_key}'")
-                converted[f"{prefix}.attn.to_qkv.{kind}"] = torch.cat([original[query_key], value], dim=0)
+                query = original[f"blocks.{index}.attn.q.{kind}"]
+                converted[f"{prefix}.attn.to_qkv.{kind}"] = torch.cat([query, value], dim=0)
             elif name in BLOCK_RENAMES:
                 converted[f"{prefix}.{BLOCK_RENAMES[name]}.{kind}"] = value
             else:
@@ -202,6 +240,45 @@ def vqgan_config_from_state_dict(state_dict) -> dict:
     }
 
 
+def expected_vqgan_shapes(config: dict) -> Dict[str, tuple]:
+    """Key -> shape of an original taming VQGAN (MaskGIT-JAX variant) state dict with this config."""
+    channels, layers = config["block_out_channels"], config["layers_per_block"]
+    z, shapes = config["latent_channels"], {}
+
+    def resnet(prefix, cin, cout):
+        shapes.update({f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,),
+                       f"{prefix}.conv1.weight": (cout, cin, 3, 3), f"{prefix}.norm2.weight": (cout,),
+                       f"{prefix}.norm2.bias": (cout,), f"{prefix}.conv2.weight": (cout, cout, 3, 3)})
+        if cin != cout:
+            shapes[f"{prefix}.nin_shortcut.weight"] = (cout, cout, 1, 1)
+
+    shapes["encoder.conv_in.weight"] = (channels[0], config["in_channels"], 3, 3)
+    cin = channels[0]
+    for i, cout in enumerate(channels):
+        for j in range(layers):
+            resnet(f"encoder.down.{i}.block.{j}", cin, cout)
+            cin = cout
+    for part in ("encoder", "decoder"):
+        for name in ("block_1", "block_2"):
+            resnet(f"{part}.mid.{name}", channels[-1], channels[-1])
+    shapes.update({"encoder.norm_out.weight": (channels[-1],), "encoder.norm_out.bias": (channels[-1],),
+                   "encoder.conv_out.weight": (z, channels[-1], 1, 1), "encoder.conv_out.bias": (z,),
+                   "quantize.embedding.weight": (config["num_vq_embeddings"], z),
+                   "decoder.conv_in.weight": (channels[-1], z, 3, 3), "decoder.conv_in.bias": (channels[-1],)})
+    cin = channels[-1]
+    for i in reversed(range(len(channels))):
+        for j in range(layers):
+            resnet(f"decoder.up.{i}.block.{j}", cin, channels[i])
+            cin = channels[i]
+        if i > 0:
+            shapes[f"decoder.up.{i}.upsample.conv.weight"] = (cin, cin, 3, 3)
+            shapes[f"decoder.up.{i}.upsample.conv.bias"] = (cin,)
+    shapes.update({"decoder.norm_out.weight": (channels[0],), "decoder.norm_out.bias": (channels[0],),
+                   "decoder.conv_out.weight": (config["out_channels"], channels[0], 3, 3),
+                   "decoder.conv_out.bias": (config["out_channels"],)})
+    return shapes
+
+
 def _convert_resnet(original, source, target, converted):
     """Taming resnet -> diffusers `ResnetBlock2D`: zero conv biases, fold `a + nin_shortcut(a)` into conv2."""
     for norm in ("norm1", "norm2"):
@@ -226,7 +303,7 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
     """
     Maps the original VQGAN to diffusers `VQModel` weights with the surgery of reference/VQ_MAPPING.md: parameter-free
     average pooling and the 1x1 `conv_out` become fixed convolutions, identity quant convs and identity extra decoder
-    resnets are inserted. Pure; raises on keys it does not consume.
+    resnets are inserted. Pure; the layout is checked by `check_layout`.
     """
     config = vqgan_config_from_state_dict(original)
     original = dict(original)
@@ -234,8 +311,6 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
     converted = {}
 
     def move(source, target):
-        if source not in original:
-            raise CheckpointError(f"checkpoint is missing key '{source}'")
         converted[target] = original.pop(source)
 
     # encoder
@@ -288,40 +363,28 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
         move(f"decoder.norm_out.{kind}", f"decoder.conv_norm_out.{kind}")
         move(f"decoder.conv_out.{kind}", f"decoder.conv_out.{kind}")
 
-    if original:
-        raise CheckpointError(f"unexpected key '{sorted(original)[0]}' in the VQGAN checkpoint")
     return converted
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
-def load_converted(model, converted: dict, what: str):
-    """Strict load with messages that name the offending key."""
-    expected = model.state_dict()
-    for key in expected:
-        if key not in converted:
-            raise CheckpointError(f"{what} checkpoint does not provide '{key}'")
-    for key, value in converted.items():
-        if key not in expected:
-            raise CheckpointError(f"{what} checkpoint has unexpected parameter '{key}'")
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{what} checkpoint key for '{key}' has shape {list(value.shape)}, expected {list(expected[key].shape)}"
-            )
-    model.load_state_dict(converted, strict=True)
+def build_transformer(original, num_attention_heads: int, num_encoder_layers: int) -> ENATTransformer2DModel:
+    """An `ENATTransformer2DModel` with the weights of an original checkpoint (strictly checked and loaded)."""
+    config = transformer_config_from_state_dict(original, num_attention_heads, num_encoder_layers)
+    check_layout(original, expected_transformer_shapes(config), "transformer", UNUSED_TRANSFORMER_PREFIXES)
+    model = ENATTransformer2DModel(**config)
+    model.load_state_dict(convert_transformer_state_dict(original, num_encoder_layers), strict=True)
     return model.eval()
 
 
-def build_transformer(original, num_attention_heads: int, num_encoder_layers: int) -> ENATTransformer2DModel:
-    config = transformer_config_from_state_dict(original, num_attention_heads, num_encoder_layers)
-    model = ENATTransformer2DModel(**config)
-    return load_converted(model, convert_transformer_state_dict(original, num_encoder_layers), "transformer")
-
-
 def build_vqvae(original) -> VQModel:
-    model = VQModel(**vqgan_config_from_state_dict(original))
-    return load_converted(model, convert_vqgan_state_dict(original), "VQGAN")
+    """A diffusers `VQModel` computing what the original VQGAN computes (strictly checked and loaded)."""
+    config = vqgan_config_from_state_dict(original)
+    check_layout(original, expected_vqgan_shapes(config), "VQGAN")
+    model = VQModel(**config)
+    model.load_state_dict(convert_vqgan_state_dict(original), strict=True)
+    return model.eval()
 
 
 def imagenet_id2label(num_classes: int) -> Optional[Dict[int, str]]:

@@ -315,13 +315,17 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             the `reuse_state` for the next step.
         """
         input_ids = self._check_input_ids(input_ids)
-        conditioning = self._embed_condition(input_ids.shape[0], class_labels, pooled_text_embeds)
+        self._check_condition(input_ids.shape[0], class_labels, pooled_text_embeds)
         mask = input_ids == self.mask_token_id  # (B, L)
         num_masked, num_new = self._check_token_data(input_ids, class_labels, mask, reuse_state)
         batch_size, seq_len = input_ids.shape
         dim = self.config.hidden_size
 
-        # 1. Embed all tokens (the embeddings of tokens already in a reuse state go unused).
+        # 1. Embed the condition (adaLN input) and all tokens (those already in a reuse state go unused).
+        if self.config.num_classes is not None:
+            conditioning = self.class_embedding(class_labels.reshape(-1))  # (B, D)
+        else:
+            conditioning = self.pooled_text_embedder(pooled_text_embeds.to(self.dtype))  # (B, D)
         hidden_states = self.embed(input_ids)  # (B, L, D)
 
         # 2. Partition positions into [previously visible | newly visible | masked], each in raster order.
@@ -385,8 +389,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             f"{side}x{side} token grid, got {tuple(input_ids.shape)}."
         )
 
-    def _embed_condition(self, batch_size, class_labels, pooled_text_embeds) -> torch.Tensor:
-        """The adaLN condition, (B, D)."""
+    def _check_condition(self, batch_size, class_labels, pooled_text_embeds):
         if self.config.num_classes is not None:
             if class_labels is None or pooled_text_embeds is not None:
                 raise ValueError("This is a class-conditional model: pass `class_labels` and no text embeddings.")
@@ -396,14 +399,13 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
                     f"class_labels must be {batch_size} integer labels (one per row of input_ids), got a "
                     f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}."
                 )
-            return self.class_embedding(class_labels)
+            return
         if class_labels is not None or pooled_text_embeds is None:
             raise ValueError("This is a text-to-image model: pass `pooled_text_embeds` (and `encoder_hidden_states` "
                              "without a reuse state), not `class_labels`.")
         expected = (batch_size, self.config.text_embed_dim)
         if tuple(pooled_text_embeds.shape) != expected:
             raise ValueError(f"pooled_text_embeds must have shape {expected}, got {tuple(pooled_text_embeds.shape)}.")
-        return self.pooled_text_embedder(pooled_text_embeds.to(self.dtype))
 
     def _embed_text(self, batch_size, encoder_hidden_states) -> Optional[torch.Tensor]:
         if self.config.text_embed_dim is None:

@@ -1,0 +1,233 @@
+import pytest
+import torch
+from conftest import tiny_transformer
+
+from enat_diffusers import ENATReuseState, ENATTransformer2DModel
+
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(converted_fixture_dir):
+    return ENATTransformer2DModel.from_pretrained(converted_fixture_dir, subfolder="transformer")
+
+
+def close(actual, expected):
+    return torch.allclose(actual, expected, atol=ATOL, rtol=ATOL)
+
+
+# ------------------------------------------------------------------------------------------ parity with the original
+
+
+@torch.no_grad()
+def test_forward_without_reuse_matches_original(model, enat_io):
+    out = model(enat_io["fwd1.masked_ids"], class_labels=enat_io["fwd1.class_labels"])
+    assert out.logits.shape == (4, 16, 32)
+    assert close(out.logits, enat_io["fwd1.logits"])
+    assert close(out.reuse_state.hidden_states, enat_io["fwd1.feat"])
+    assert torch.equal(out.reuse_state.mask, enat_io["fwd1.masking"])
+
+
+@torch.no_grad()
+def test_forward_with_reuse_matches_original_and_reuse_matters(model, enat_io):
+    recorded_state = ENATReuseState(hidden_states=enat_io["fwd1.feat"], mask=enat_io["fwd1.masking"])
+    out = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"], reuse_state=recorded_state)
+    assert close(out.logits, enat_io["fwd2.logits"])
+    assert close(out.reuse_state.hidden_states, enat_io["fwd2.feat"])
+
+    # chaining our own state gives the same
+    first = model(enat_io["fwd1.masked_ids"], class_labels=enat_io["fwd1.class_labels"])
+    chained = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"],
+                    reuse_state=first.reuse_state)
+    assert close(chained.logits, enat_io["fwd2.logits"])
+
+    plain = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"])
+    assert close(plain.logits, enat_io["fwd2_noprev.logits"])
+    assert (plain.logits - out.logits).abs().max() > 0.1  # reuse changes the result
+
+
+@torch.no_grad()
+def test_reused_features_are_prev_proj_of_previous_features(model, enat_io):
+    state = ENATReuseState(hidden_states=enat_io["fwd1.feat"], mask=enat_io["fwd1.masking"])
+    out = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"], reuse_state=state)
+    was_visible = ~enat_io["fwd1.masking"]
+    projected = model.prev_proj(enat_io["fwd1.feat"])
+    assert close(out.reuse_state.hidden_states[was_visible], projected[was_visible])
+
+
+@torch.no_grad()
+def test_grid_input_and_tuple_output(model, enat_io):
+    ids, labels = enat_io["fwd1.masked_ids"], enat_io["fwd1.class_labels"]
+    logits, state = model(ids.reshape(4, 4, 4), class_labels=labels.reshape(4, 1), return_dict=False)
+    assert close(logits, enat_io["fwd1.logits"])
+    assert isinstance(state, ENATReuseState)
+
+
+@torch.no_grad()
+def test_rows_are_independent(model, enat_io):
+    ids, labels = enat_io["fwd1.masked_ids"], enat_io["fwd1.class_labels"]
+    batch = model(ids, class_labels=labels).logits
+    for row in range(4):
+        single = model(ids[row : row + 1], class_labels=labels[row : row + 1]).logits
+        assert torch.allclose(single[0], batch[row], atol=1e-5)
+
+
+@torch.no_grad()
+def test_nothing_visible_and_nothing_new(model):
+    mask_id = model.mask_token_id
+    all_masked = torch.full((2, 16), mask_id)
+    out = model(all_masked, class_labels=torch.tensor([1, 2]))
+    assert torch.isfinite(out.logits).all()
+    # a step that reveals nothing runs the decoder only and keeps the state consistent
+    again = model(all_masked, class_labels=torch.tensor([1, 2]), reuse_state=out.reuse_state)
+    assert torch.allclose(again.logits, out.logits, atol=1e-6)
+    # a step from an empty-visible state equals the plain forward (the context is empty)
+    ids = all_masked.clone()
+    ids[:, :5] = torch.arange(5)
+    reused = model(ids, class_labels=torch.tensor([1, 2]), reuse_state=out.reuse_state)
+    assert torch.allclose(reused.logits, model(ids, class_labels=torch.tensor([1, 2])).logits, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- saving and dtypes
+
+
+def test_save_load_round_trip_and_bfloat16(tmp_path, enat_io):
+    model = tiny_transformer()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = ENATTransformer2DModel.from_pretrained(tmp_path)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(model.config)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    ids = torch.randint(0, 8, (2, 16))
+    ids[:, 3:9] = 8
+    labels = torch.tensor([3, 10])
+    with torch.no_grad():
+        reference = model(ids, class_labels=labels).logits
+        assert torch.equal(loaded(ids, class_labels=labels).logits, reference)
+        half = ENATTransformer2DModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        assert half.dtype == torch.bfloat16
+        out = half(ids, class_labels=labels)
+        assert out.logits.dtype == torch.bfloat16 and out.reuse_state.hidden_states.dtype == torch.bfloat16
+        assert (out.logits.float() - reference).abs().max() < 0.1 * reference.abs().max()
+        ids2 = ids.clone()
+        ids2[:, 3:5] = 1
+        assert torch.isfinite(half(ids2, class_labels=labels, reuse_state=out.reuse_state).logits).all()
+
+
+def test_training_backward_with_gradient_checkpointing():
+    ids = torch.randint(0, 8, (2, 16))
+    ids[:, 2:12] = 8
+    labels = torch.tensor([1, 10])
+    target = torch.randint(0, 8, (2, 16))
+
+    def gradients(checkpointing):
+        model = tiny_transformer().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        previous = model(ids, class_labels=labels).reuse_state
+        ids_now = ids.clone()
+        ids_now[:, 2:6] = 3
+        state = ENATReuseState(previous.hidden_states.detach(), previous.mask)
+        logits = model(ids_now, class_labels=labels, reuse_state=state).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    assert "encoder_blocks.0.attn.add_kv_proj.weight" in plain  # the reuse context path is trained
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_text_model_encodes_text_once_and_reuses_it():
+    model = tiny_transformer(num_classes=None, text_embed_dim=12)
+    text, pooled = torch.randn(2, 5, 12), torch.randn(2, 12)
+    ids = torch.full((2, 16), 8)
+    with torch.no_grad():
+        first = model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled)
+        assert first.reuse_state.text_hidden_states.shape == (2, 5, 32)
+        ids[:, :4] = 1
+        reused = model(ids, pooled_text_embeds=pooled, reuse_state=first.reuse_state)  # text comes from the state
+        projected = model.prev_proj(first.reuse_state.text_hidden_states)
+        assert torch.allclose(reused.reuse_state.text_hidden_states, projected, atol=1e-6)
+        other_text = model(ids, encoder_hidden_states=torch.randn(2, 5, 12), pooled_text_embeds=pooled).logits
+        assert (other_text - model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def small():
+    return tiny_transformer()
+
+
+def masked_ids(rows=((0, 8, 8, 1), (2, 8, 8, 3))):
+    ids = torch.tensor(rows).repeat(1, 4)  # (2, 16)
+    return ids
+
+
+def test_unequal_mask_counts(small):
+    ids = masked_ids()
+    ids[1, 0] = 8
+    with pytest.raises(ValueError, match="same number of \\[MASK\\]"):
+        small(ids, class_labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [-1, 9])
+def test_ids_out_of_range(small, bad):
+    ids = masked_ids()
+    ids[0, 0] = bad
+    with pytest.raises(ValueError, match=r"outside \[0, 8\]"):
+        small(ids, class_labels=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_labels_out_of_range(small, bad):
+    with pytest.raises(ValueError, match=r"outside \[0, 10\]"):
+        small(masked_ids(), class_labels=torch.tensor([0, bad]))
+
+
+def test_wrong_shapes_and_kinds(small):
+    with pytest.raises(ValueError, match="4x4 token grid"):
+        small(torch.zeros(2, 15, dtype=torch.long), class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer"):
+        small(masked_ids().float(), class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="2 integer labels"):
+        small(masked_ids(), class_labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="class-conditional model"):
+        small(masked_ids())
+    text_model = tiny_transformer(num_classes=None, text_embed_dim=12)
+    with pytest.raises(ValueError, match="text-to-image model"):
+        text_model(masked_ids(), class_labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="needs `encoder_hidden_states`"):
+        text_model(masked_ids(), pooled_text_embeds=torch.randn(2, 12))
+    with pytest.raises(ValueError, match="Set exactly one"):
+        ENATTransformer2DModel(num_classes=None)
+
+
+def test_reuse_state_that_does_not_contain_the_mask(small):
+    labels = torch.tensor([0, 1])
+    state = small(masked_ids(), class_labels=labels).reuse_state
+    rehidden = masked_ids(((0, 8, 8, 8), (2, 8, 8, 8)))  # position 3 was visible
+    with pytest.raises(ValueError, match="only be revealed"):
+        small(rehidden, class_labels=labels, reuse_state=state)
+
+
+def test_reuse_state_of_another_batch_or_shape(small):
+    labels = torch.tensor([0, 1])
+    state = small(masked_ids(), class_labels=labels).reuse_state
+    with pytest.raises(ValueError, match="same batch and model"):
+        small(masked_ids()[:1], class_labels=labels[:1], reuse_state=state)
+    wrong_mask = ENATReuseState(state.hidden_states, state.mask[:, :8])
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        small(masked_ids(), class_labels=labels, reuse_state=wrong_mask)
+    uneven = state.mask.clone()
+    uneven[0, 0] = True
+    with pytest.raises(ValueError, match="different numbers of masked tokens"):
+        small(masked_ids(((8, 8, 8, 1), (8, 8, 8, 3))), class_labels=labels,
+              reuse_state=ENATReuseState(state.hidden_states, uneven))
