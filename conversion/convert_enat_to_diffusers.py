@@ -98,7 +98,7 @@ def load_original_checkpoint(path) -> Dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor")
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         if "position_ids" not in key:  # legacy buffer the original loader drops too
             state_dict[key] = value
     return state_dict
@@ -149,18 +149,32 @@ def expected_transformer_shapes(config: dict) -> Dict[str, tuple]:
     shapes = {
         "x_embedder.word_embeddings.weight": (k + 1, d),
         "x_embedder.position_embeddings.weight": (config["sample_size"] ** 2, d),
-        "x_embedder.LayerNorm.weight": (d,), "x_embedder.LayerNorm.bias": (d,),
+        "x_embedder.LayerNorm.weight": (d,),
+        "x_embedder.LayerNorm.bias": (d,),
         "y_embedder.embedding_table.weight": (c + 1, d),
-        "prev_proj.norm.weight": (d,), "prev_proj.norm.bias": (d,),
-        "prev_proj.mlp.fc1.weight": (4 * d, d), "prev_proj.mlp.fc1.bias": (4 * d,),
-        "prev_proj.mlp.fc2.weight": (d, 4 * d), "prev_proj.mlp.fc2.bias": (d,),
-        "norm.weight": (d,), "norm.bias": (d,),
-        "mlm_layer.fc.weight": (d, d), "mlm_layer.fc.bias": (d,),
-        "mlm_layer.ln.weight": (d,), "mlm_layer.ln.bias": (d,),
+        "prev_proj.norm.weight": (d,),
+        "prev_proj.norm.bias": (d,),
+        "prev_proj.mlp.fc1.weight": (4 * d, d),
+        "prev_proj.mlp.fc1.bias": (4 * d,),
+        "prev_proj.mlp.fc2.weight": (d, 4 * d),
+        "prev_proj.mlp.fc2.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+        "mlm_layer.fc.weight": (d, d),
+        "mlm_layer.fc.bias": (d,),
+        "mlm_layer.ln.weight": (d,),
+        "mlm_layer.ln.bias": (d,),
         "mlm_layer.bias": (1, 1, k + 1),
     }
-    block = {"attn.q": (d, d), "attn.kv.A": (2 * d, d), "attn.kv.B": (2 * d, d), "attn.proj": (d, d),
-             "mlp.fc1": (mlp, d), "mlp.fc2": (d, mlp), "adaLN_modulation.1": (8 * d, d)}
+    block = {
+        "attn.q": (d, d),
+        "attn.kv.A": (2 * d, d),
+        "attn.kv.B": (2 * d, d),
+        "attn.proj": (d, d),
+        "mlp.fc1": (mlp, d),
+        "mlp.fc2": (d, mlp),
+        "adaLN_modulation.1": (8 * d, d),
+    }
     for index in range(config["num_encoder_layers"] + config["num_decoder_layers"]):
         for name, (rows, cols) in block.items():
             shapes[f"blocks.{index}.{name}.weight"] = (rows, cols)
@@ -246,9 +260,16 @@ def expected_vqgan_shapes(config: dict) -> Dict[str, tuple]:
     z, shapes = config["latent_channels"], {}
 
     def resnet(prefix, cin, cout):
-        shapes.update({f"{prefix}.norm1.weight": (cin,), f"{prefix}.norm1.bias": (cin,),
-                       f"{prefix}.conv1.weight": (cout, cin, 3, 3), f"{prefix}.norm2.weight": (cout,),
-                       f"{prefix}.norm2.bias": (cout,), f"{prefix}.conv2.weight": (cout, cout, 3, 3)})
+        shapes.update(
+            {
+                f"{prefix}.norm1.weight": (cin,),
+                f"{prefix}.norm1.bias": (cin,),
+                f"{prefix}.conv1.weight": (cout, cin, 3, 3),
+                f"{prefix}.norm2.weight": (cout,),
+                f"{prefix}.norm2.bias": (cout,),
+                f"{prefix}.conv2.weight": (cout, cout, 3, 3),
+            }
+        )
         if cin != cout:
             shapes[f"{prefix}.nin_shortcut.weight"] = (cout, cout, 1, 1)
 
@@ -261,10 +282,17 @@ def expected_vqgan_shapes(config: dict) -> Dict[str, tuple]:
     for part in ("encoder", "decoder"):
         for name in ("block_1", "block_2"):
             resnet(f"{part}.mid.{name}", channels[-1], channels[-1])
-    shapes.update({"encoder.norm_out.weight": (channels[-1],), "encoder.norm_out.bias": (channels[-1],),
-                   "encoder.conv_out.weight": (z, channels[-1], 1, 1), "encoder.conv_out.bias": (z,),
-                   "quantize.embedding.weight": (config["num_vq_embeddings"], z),
-                   "decoder.conv_in.weight": (channels[-1], z, 3, 3), "decoder.conv_in.bias": (channels[-1],)})
+    shapes.update(
+        {
+            "encoder.norm_out.weight": (channels[-1],),
+            "encoder.norm_out.bias": (channels[-1],),
+            "encoder.conv_out.weight": (z, channels[-1], 1, 1),
+            "encoder.conv_out.bias": (z,),
+            "quantize.embedding.weight": (config["num_vq_embeddings"], z),
+            "decoder.conv_in.weight": (channels[-1], z, 3, 3),
+            "decoder.conv_in.bias": (channels[-1],),
+        }
+    )
     cin = channels[-1]
     for i in reversed(range(len(channels))):
         for j in range(layers):
@@ -273,9 +301,14 @@ def expected_vqgan_shapes(config: dict) -> Dict[str, tuple]:
         if i > 0:
             shapes[f"decoder.up.{i}.upsample.conv.weight"] = (cin, cin, 3, 3)
             shapes[f"decoder.up.{i}.upsample.conv.bias"] = (cin,)
-    shapes.update({"decoder.norm_out.weight": (channels[0],), "decoder.norm_out.bias": (channels[0],),
-                   "decoder.conv_out.weight": (config["out_channels"], channels[0], 3, 3),
-                   "decoder.conv_out.bias": (config["out_channels"],)})
+    shapes.update(
+        {
+            "decoder.norm_out.weight": (channels[0],),
+            "decoder.norm_out.bias": (channels[0],),
+            "decoder.conv_out.weight": (config["out_channels"], channels[0], 3, 3),
+            "decoder.conv_out.bias": (config["out_channels"],),
+        }
+    )
     return shapes
 
 
@@ -307,7 +340,11 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
     """
     config = vqgan_config_from_state_dict(original)
     original = dict(original)
-    levels, layers, embed_dim = len(config["block_out_channels"]), config["layers_per_block"], config["latent_channels"]
+    levels, layers, embed_dim = (
+        len(config["block_out_channels"]),
+        config["layers_per_block"],
+        config["latent_channels"],
+    )
     converted = {}
 
     def move(source, target):
@@ -351,8 +388,14 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
             _convert_resnet(original, f"decoder.up.{i}.block.{j}", f"{up}.resnets.{j}", converted)
         channels = config["block_out_channels"][i]
         identity = f"{up}.resnets.{layers}"  # output x + conv2(...) with conv2 = 0
-        converted[f"{identity}.norm1.weight"], converted[f"{identity}.norm1.bias"] = torch.ones(channels), torch.zeros(channels)
-        converted[f"{identity}.norm2.weight"], converted[f"{identity}.norm2.bias"] = torch.ones(channels), torch.zeros(channels)
+        converted[f"{identity}.norm1.weight"], converted[f"{identity}.norm1.bias"] = (
+            torch.ones(channels),
+            torch.zeros(channels),
+        )
+        converted[f"{identity}.norm2.weight"], converted[f"{identity}.norm2.bias"] = (
+            torch.ones(channels),
+            torch.zeros(channels),
+        )
         for conv in ("conv1", "conv2"):
             converted[f"{identity}.{conv}.weight"] = torch.zeros(channels, channels, 3, 3)
             converted[f"{identity}.{conv}.bias"] = torch.zeros(channels)
@@ -403,8 +446,12 @@ def build_pipeline(transformer: ENATTransformer2DModel, vqvae: VQModel, schedule
             f"{transformer.config.codebook_size}: these checkpoints do not belong together"
         )
     scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size, **scheduler_config)
-    return ENATPipeline(transformer=transformer, scheduler=scheduler, vqvae=vqvae,
-                        id2label=imagenet_id2label(transformer.config.num_classes))
+    return ENATPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vqvae=vqvae,
+        id2label=imagenet_id2label(transformer.config.num_classes),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------- CLI
@@ -442,8 +489,10 @@ def main(argv=None):
         transformer = build_transformer(load_original_checkpoint(args.transformer_checkpoint), heads, encoder_layers)
         if preset and transformer.config.sample_size != preset["sample_size"]:
             side = transformer.config.sample_size
-            raise CheckpointError(f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
-                                  f"token grid, but the checkpoint has {side}x{side}")
+            raise CheckpointError(
+                f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
+                f"token grid, but the checkpoint has {side}x{side}"
+            )
         vqvae = build_vqvae(load_original_checkpoint(args.vqgan_checkpoint)) if args.vqgan_checkpoint else None
         pipeline = build_pipeline(transformer, vqvae, preset.get("scheduler", {})) if vqvae is not None else None
     except CheckpointError as error:

@@ -51,8 +51,9 @@ def clip_vocab_and_merges(num_merges: int = NUM_CLIP_MERGES) -> (Dict[str, int],
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def build_clip_tokenizer(num_merges: int = NUM_CLIP_MERGES, model_max_length: int = 77,
-                         pad_token: Optional[str] = None) -> CLIPTokenizer:
+def build_clip_tokenizer(
+    num_merges: int = NUM_CLIP_MERGES, model_max_length: int = 77, pad_token: Optional[str] = None
+) -> CLIPTokenizer:
     """
     The CLIP tokenizer (lower-cased byte-level BPE), built offline.
 
@@ -64,5 +65,6 @@ def build_clip_tokenizer(num_merges: int = NUM_CLIP_MERGES, model_max_length: in
             models pad with `"!"`.
     """
     vocab, merges = clip_vocab_and_merges(num_merges)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
-                         pad_token=pad_token or "<|endoftext|>")
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token=pad_token or "<|endoftext|>"
+    )

@@ -62,8 +62,16 @@ def converted_fixture_dir(tmp_path_factory):
     """The fixture checkpoint pair converted into a full pipeline folder by the CLI."""
     output_dir = tmp_path_factory.mktemp("converted") / "enat-tiny"
     result = run_converter(
-        "--transformer-checkpoint", FIXTURES / "enat_tiny.pth", "--vqgan-checkpoint", FIXTURES / "vqgan_tiny.ckpt",
-        "--num-attention-heads", 4, "--num-encoder-layers", 3, "--output-dir", output_dir,
+        "--transformer-checkpoint",
+        FIXTURES / "enat_tiny.pth",
+        "--vqgan-checkpoint",
+        FIXTURES / "vqgan_tiny.ckpt",
+        "--num-attention-heads",
+        4,
+        "--num-encoder-layers",
+        3,
+        "--output-dir",
+        output_dir,
     )
     assert result.returncode == 0, result.stderr
     return output_dir
@@ -77,8 +85,16 @@ def fixture_pipeline(converted_fixture_dir):
 
 
 def tiny_transformer(**overrides) -> ENATTransformer2DModel:
-    config = dict(sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_encoder_layers=2,
-                  num_decoder_layers=1, mlp_ratio=2.0, num_classes=10)
+    config = dict(
+        sample_size=4,
+        codebook_size=8,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_encoder_layers=2,
+        num_decoder_layers=1,
+        mlp_ratio=2.0,
+        num_classes=10,
+    )
     config.update(overrides)
     torch.manual_seed(0)
     model = ENATTransformer2DModel(**config)
@@ -92,18 +108,33 @@ def tiny_transformer(**overrides) -> ENATTransformer2DModel:
 def tiny_vqvae(num_codes=8) -> VQModel:
     torch.manual_seed(0)
     return VQModel(
-        block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        num_vq_embeddings=num_codes, sample_size=8, mid_block_add_attention=False, lookup_from_codebook=True,
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_vq_embeddings=num_codes,
+        sample_size=8,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
         scaling_factor=1.0,
     ).eval()
 
 
 def tiny_text_encoder() -> CLIPTextModel:
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=77, bos_token_id=998, eos_token_id=999,
-                            pad_token_id=999)
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=998,
+        eos_token_id=999,
+        pad_token_id=999,
+    )
     return CLIPTextModel(config).eval()
 
 
@@ -113,8 +144,10 @@ def tiny_tokenizer():
 
 def tiny_class_pipeline(**transformer_overrides) -> ENATPipeline:
     pipe = ENATPipeline(
-        transformer=tiny_transformer(**transformer_overrides), scheduler=MaskedTokenScheduler(mask_token_id=8),
-        vqvae=tiny_vqvae(), id2label={i: f"class {i}" for i in range(transformer_overrides.get("num_classes", 10))},
+        transformer=tiny_transformer(**transformer_overrides),
+        scheduler=MaskedTokenScheduler(mask_token_id=8),
+        vqvae=tiny_vqvae(),
+        id2label={i: f"class {i}" for i in range(transformer_overrides.get("num_classes", 10))},
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -123,7 +156,9 @@ def tiny_class_pipeline(**transformer_overrides) -> ENATPipeline:
 def tiny_text_pipeline() -> ENATPipeline:
     pipe = ENATPipeline(
         transformer=tiny_transformer(num_classes=None, text_embed_dim=16),
-        scheduler=MaskedTokenScheduler(mask_token_id=8), vqvae=tiny_vqvae(), text_encoder=tiny_text_encoder(),
+        scheduler=MaskedTokenScheduler(mask_token_id=8),
+        vqvae=tiny_vqvae(),
+        text_encoder=tiny_text_encoder(),
         tokenizer=tiny_tokenizer(),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -1,11 +1,11 @@
 import json
 
+import convert_enat_to_diffusers as convert
 import pytest
 import torch
 from conftest import FIXTURES, call_converter
 from diffusers import VQModel
 
-import convert_enat_to_diffusers as convert
 from enat_diffusers import ENATTransformer2DModel
 
 
@@ -55,8 +55,9 @@ def test_converted_folder_is_a_complete_pipeline(converted_fixture_dir):
 
 def test_transformer_only_and_dtype(tmp_path):
     out = tmp_path / "transformer-only"
-    code, stderr = call_converter("--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS,
-                                  "--output-dir", out, "--dtype", "bfloat16")
+    code, stderr = call_converter(
+        "--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS, "--output-dir", out, "--dtype", "bfloat16"
+    )
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == ["transformer"]
     from safetensors.torch import load_file
@@ -78,14 +79,20 @@ def test_wrapped_and_prefixed_checkpoints_are_accepted(tmp_path):
 # -------------------------------------------------------------------------------------- released checkpoint layouts
 
 
-@pytest.mark.parametrize("preset, listing, side", [("enat-l-256", "enat_l_256.json", 16),
-                                                   ("enat-l-512", "enat_l_512.json", 32)])
+@pytest.mark.parametrize(
+    "preset, listing, side", [("enat-l-256", "enat_l_256.json", 16), ("enat-l-512", "enat_l_512.json", 32)]
+)
 def test_released_transformer_layouts_convert_with_presets(preset, listing, side):
     original = random_state_dict(listing)
     settings = convert.PRESETS[preset]
     model = convert.build_transformer(original, settings["num_attention_heads"], settings["num_encoder_layers"])
     config = model.config
-    assert (config.sample_size, config.hidden_size, config.codebook_size, config.num_classes) == (side, 1024, 1024, 1000)
+    assert (config.sample_size, config.hidden_size, config.codebook_size, config.num_classes) == (
+        side,
+        1024,
+        1024,
+        1000,
+    )
     assert (config.num_encoder_layers, config.num_decoder_layers, config.num_attention_heads) == (22, 2, 16)
     assert config.sample_size == settings["sample_size"]
 
@@ -127,13 +134,21 @@ def broken(change):
     return state
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s.pop("blocks.1.attn.q.weight"), "missing key 'blocks.1.attn.q.weight'"),
-    (lambda s: s.pop("mlm_layer.bias"), "missing key 'mlm_layer.bias'"),
-    (lambda s: s.update({"blocks.0.attn.extra.weight": torch.zeros(1)}), "unexpected key 'blocks.0.attn.extra.weight'"),
-    (lambda s: s.update({"blocks.2.mlp.fc2.weight": torch.zeros(64, 255)}),
-     r"'blocks.2.mlp.fc2.weight' has shape \[64, 255\], expected \[64, 256\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("blocks.1.attn.q.weight"), "missing key 'blocks.1.attn.q.weight'"),
+        (lambda s: s.pop("mlm_layer.bias"), "missing key 'mlm_layer.bias'"),
+        (
+            lambda s: s.update({"blocks.0.attn.extra.weight": torch.zeros(1)}),
+            "unexpected key 'blocks.0.attn.extra.weight'",
+        ),
+        (
+            lambda s: s.update({"blocks.2.mlp.fc2.weight": torch.zeros(64, 255)}),
+            r"'blocks.2.mlp.fc2.weight' has shape \[64, 255\], expected \[64, 256\]",
+        ),
+    ],
+)
 def test_transformer_checkpoint_errors_name_the_key(change, message):
     with pytest.raises(convert.CheckpointError, match=message):
         convert.build_transformer(broken(change), 4, 3)
@@ -158,8 +173,12 @@ def test_unreadable_files(tmp_path):
     text.write_text("not a checkpoint")
     not_a_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], not_a_dict)
-    for path, message in [(truncated, "not a readable PyTorch checkpoint"), (text, "not a readable PyTorch checkpoint"),
-                          (not_a_dict, "does not hold a state dict"), (tmp_path / "absent.pth", "no such")]:
+    for path, message in [
+        (truncated, "not a readable PyTorch checkpoint"),
+        (text, "not a readable PyTorch checkpoint"),
+        (not_a_dict, "does not hold a state dict"),
+        (tmp_path / "absent.pth", "no such"),
+    ]:
         with pytest.raises(convert.CheckpointError, match=message):
             convert.load_original_checkpoint(path)
         code, stderr = call_converter("--transformer-checkpoint", path, *TINY_ARGS, "--output-dir", tmp_path / "out")
@@ -183,13 +202,15 @@ def test_existing_output_is_never_overwritten_without_flag(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("user data")
-    code, stderr = call_converter("--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS,
-                                  "--output-dir", out)
+    code, stderr = call_converter(
+        "--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS, "--output-dir", out
+    )
     assert code != 0 and "--overwrite" in stderr
     assert (out / "precious.txt").read_text() == "user data"
 
-    code, stderr = call_converter("--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS,
-                                  "--output-dir", out, "--overwrite")
+    code, stderr = call_converter(
+        "--transformer-checkpoint", FIXTURES / "enat_tiny.pth", *TINY_ARGS, "--output-dir", out, "--overwrite"
+    )
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == ["transformer"]
 
@@ -207,8 +228,15 @@ def test_mismatched_vqgan_is_refused(tmp_path):
     state = torch.load(FIXTURES / "vqgan_tiny.ckpt", weights_only=True)["state_dict"]
     state["quantize.embedding.weight"] = torch.randn(64, 16)
     torch.save(state, tmp_path / "vq64.ckpt")
-    code, stderr = call_converter("--transformer-checkpoint", FIXTURES / "enat_tiny.pth", "--vqgan-checkpoint",
-                                  tmp_path / "vq64.ckpt", *TINY_ARGS, "--output-dir", tmp_path / "out")
+    code, stderr = call_converter(
+        "--transformer-checkpoint",
+        FIXTURES / "enat_tiny.pth",
+        "--vqgan-checkpoint",
+        tmp_path / "vq64.ckpt",
+        *TINY_ARGS,
+        "--output-dir",
+        tmp_path / "out",
+    )
     assert code != 0 and "do not belong together" in stderr
 
 

@@ -1,5 +1,6 @@
 import json
 
+import convert_enat_to_diffusers as convert
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,7 +8,6 @@ import torch
 from conftest import tiny_class_pipeline
 from diffusers import DiffusionPipeline
 
-import convert_enat_to_diffusers as convert
 from enat_diffusers import ENATPipeline
 
 
@@ -51,7 +51,8 @@ def test_reuse_features_false_runs_the_plain_path(fixture_pipeline, enat_io):
     # with reuse off, every step is a fresh forward (no state is passed in)
     states = []
     hook = fixture_pipeline.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: states.append(kwargs["reuse_state"]), with_kwargs=True)
+        lambda module, args, kwargs: states.append(kwargs["reuse_state"]), with_kwargs=True
+    )
     try:
         latents(fixture_pipeline, class_labels=labels, reuse_features=False, **FIXTURE_SETTINGS)
         assert states == [None] * 4
@@ -65,8 +66,10 @@ def test_reuse_features_false_runs_the_plain_path(fixture_pipeline, enat_io):
 def test_released_settings_are_the_default(tmp_path):
     # a 1000-class converted pipeline defaults to the preset's sampling settings and knows ImageNet's names
     pipe = convert.build_pipeline(
-        tiny_class_pipeline(num_classes=1000).transformer, tiny_class_pipeline().vqvae,
-        convert.PRESETS["enat-l-512"]["scheduler"])
+        tiny_class_pipeline(num_classes=1000).transformer,
+        tiny_class_pipeline().vqvae,
+        convert.PRESETS["enat-l-512"]["scheduler"],
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path)
     loaded = ENATPipeline.from_pretrained(tmp_path)
@@ -112,7 +115,9 @@ def test_output_types_and_images_per_prompt():
     ids = pipe(output_type="latent", **kwargs).images
     assert ids.shape == (4, 4, 4) and ids.dtype == torch.long and ids.max() < 8
     (as_tuple,) = pipe(output_type="latent", return_dict=False, generator=torch.Generator().manual_seed(0), **kwargs)
-    assert torch.equal(as_tuple, pipe(output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images)
+    assert torch.equal(
+        as_tuple, pipe(output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
+    )
 
 
 def test_guidance_zero_skips_the_unconditional_batch():
@@ -175,39 +180,49 @@ def pipe():
     return tiny_class_pipeline()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(), "exactly one of `prompt`"),
-    (dict(prompt="class 1", class_labels=[1]), "exactly one of `prompt`"),
-    (dict(prompt="class 77"), r"not a class name of this model\. Did you mean: 'class 7'"),
-    (dict(prompt="a photo of a cat"), "not a class name of this model"),
-    (dict(class_labels=[10]), r"not a class id in \[0, 9\]"),
-    (dict(class_labels=[-1]), r"not a class id in \[0, 9\]"),
-    (dict(class_labels=[1], negative_prompt="blurry"), "takes no text inputs \\(negative_prompt\\)"),
-    (dict(class_labels=[1], prompt_embeds=torch.zeros(1, 4, 4)), "takes no text inputs"),
-    (dict(class_labels=[1], num_inference_steps=0), r"integer in \[1, 16\]"),
-    (dict(class_labels=[1], num_inference_steps=17), r"integer in \[1, 16\]"),
-    (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be non-negative"),
-    (dict(class_labels=[1], sampling_temperature=-0.5), "sampling_temperature must be non-negative"),
-    (dict(class_labels=[1], mask_temperature=-0.5), "mask_temperature must be non-negative"),
-    (dict(class_labels=[1], height=16), "generates 8x8 images"),
-    (dict(class_labels=[1], width=4), "generates 8x8 images"),
-    (dict(class_labels=[1, 2], generator=[torch.Generator()]), "list of 1 generators for 2 images"),
-    (dict(class_labels=[1], num_images_per_prompt=2, generator=[torch.Generator()]), "for 2 images"),
-    (dict(class_labels=[1], output_type="jpeg"), "output_type must be one of"),
-    (dict(class_labels=[1], latents=torch.full((1, 3, 3), 8)), "latents must have shape"),
-    (dict(class_labels=[1], callback_on_step_end_tensor_inputs=["logits"]), "are not among"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(), "exactly one of `prompt`"),
+        (dict(prompt="class 1", class_labels=[1]), "exactly one of `prompt`"),
+        (dict(prompt="class 77"), r"not a class name of this model\. Did you mean: 'class 7'"),
+        (dict(prompt="a photo of a cat"), "not a class name of this model"),
+        (dict(class_labels=[10]), r"not a class id in \[0, 9\]"),
+        (dict(class_labels=[-1]), r"not a class id in \[0, 9\]"),
+        (dict(class_labels=[1], negative_prompt="blurry"), "takes no text inputs \\(negative_prompt\\)"),
+        (dict(class_labels=[1], prompt_embeds=torch.zeros(1, 4, 4)), "takes no text inputs"),
+        (dict(class_labels=[1], num_inference_steps=0), r"integer in \[1, 16\]"),
+        (dict(class_labels=[1], num_inference_steps=17), r"integer in \[1, 16\]"),
+        (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be non-negative"),
+        (dict(class_labels=[1], sampling_temperature=-0.5), "sampling_temperature must be non-negative"),
+        (dict(class_labels=[1], mask_temperature=-0.5), "mask_temperature must be non-negative"),
+        (dict(class_labels=[1], height=16), "generates 8x8 images"),
+        (dict(class_labels=[1], width=4), "generates 8x8 images"),
+        (dict(class_labels=[1, 2], generator=[torch.Generator()]), "list of 1 generators for 2 images"),
+        (dict(class_labels=[1], num_images_per_prompt=2, generator=[torch.Generator()]), "for 2 images"),
+        (dict(class_labels=[1], output_type="jpeg"), "output_type must be one of"),
+        (dict(class_labels=[1], latents=torch.full((1, 3, 3), 8)), "latents must have shape"),
+        (dict(class_labels=[1], callback_on_step_end_tensor_inputs=["logits"]), "are not among"),
+    ],
+)
 def test_clear_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
 
 
 def test_names_without_id2label_and_ambiguous_names():
-    pipe = ENATPipeline(transformer=tiny_class_pipeline().transformer,
-                        scheduler=tiny_class_pipeline().scheduler, vqvae=tiny_class_pipeline().vqvae)
+    pipe = ENATPipeline(
+        transformer=tiny_class_pipeline().transformer,
+        scheduler=tiny_class_pipeline().scheduler,
+        vqvae=tiny_class_pipeline().vqvae,
+    )
     with pytest.raises(ValueError, match="no class names"):
         pipe("class 1")
-    ambiguous = ENATPipeline(transformer=pipe.transformer, scheduler=pipe.scheduler, vqvae=pipe.vqvae,
-                             id2label={0: "crane", 1: "crane", 2: "heron"})
+    ambiguous = ENATPipeline(
+        transformer=pipe.transformer,
+        scheduler=pipe.scheduler,
+        vqvae=pipe.vqvae,
+        id2label={0: "crane", 1: "crane", 2: "heron"},
+    )
     with pytest.raises(ValueError, match=r"names several classes \[0, 1\]"):
         ambiguous.get_label_ids("crane")

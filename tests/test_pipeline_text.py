@@ -21,8 +21,12 @@ def pipe():
 
 
 def test_end_to_end(pipe):
-    images = pipe(["a red bus", "a photo of a cat"], num_inference_steps=4, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        ["a red bus", "a photo of a cat"],
+        num_inference_steps=4,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (2, 3, 8, 8) and 0 <= images.min() <= images.max() <= 1
     pil = pipe("a red bus", num_inference_steps=2).images
     assert len(pil) == 1 and pil[0].size == (8, 8)
@@ -33,8 +37,11 @@ def test_end_to_end(pipe):
 def test_text_is_encoded_once_with_reuse(pipe):
     text_inputs = []
     hook = pipe.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: text_inputs.append(kwargs["encoder_hidden_states"] is not None
-                                                        and kwargs["reuse_state"] is None), with_kwargs=True)
+        lambda module, args, kwargs: text_inputs.append(
+            kwargs["encoder_hidden_states"] is not None and kwargs["reuse_state"] is None
+        ),
+        with_kwargs=True,
+    )
     try:
         latents(pipe, prompt="a red bus")
         assert text_inputs == [True, False, False, False]  # step 0 encodes the text; later steps reuse it
@@ -47,12 +54,19 @@ def test_prompt_and_equivalent_embeddings_give_the_same_images(pipe):
     embeds = pipe.encode_prompt(["a red bus", "a cat"], negative_prompt="blurry")
     assert embeds[0].shape == (2, 77, 16) and embeds[1].shape == (2, 16)
     from_text = latents(pipe, prompt=["a red bus", "a cat"], negative_prompt="blurry")
-    from_embeds = latents(pipe, prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1],
-                          negative_prompt_embeds=embeds[2], negative_pooled_prompt_embeds=embeds[3])
+    from_embeds = latents(
+        pipe,
+        prompt_embeds=embeds[0],
+        pooled_prompt_embeds=embeds[1],
+        negative_prompt_embeds=embeds[2],
+        negative_pooled_prompt_embeds=embeds[3],
+    )
     assert torch.equal(from_text, from_embeds)
     # without negative embeddings, the empty prompt is the unconditional text
-    assert torch.equal(latents(pipe, prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1]),
-                       latents(pipe, prompt=["a red bus", "a cat"]))
+    assert torch.equal(
+        latents(pipe, prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1]),
+        latents(pipe, prompt=["a red bus", "a cat"]),
+    )
 
 
 def test_one_negative_prompt_is_broadcast(pipe):
@@ -70,10 +84,16 @@ def test_empty_prompt_and_images_per_prompt(pipe):
     batch = latents(pipe, prompt=["a red bus", "a cat"], num_images_per_prompt=2)
     assert batch.shape == (4, 4, 4)
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
-    listed = pipe(["a red bus", "a cat"], num_images_per_prompt=2, generator=generators, output_type="latent",
-                  num_inference_steps=4).images
-    single = pipe("a cat", generator=torch.Generator().manual_seed(3), output_type="latent",
-                  num_inference_steps=4).images
+    listed = pipe(
+        ["a red bus", "a cat"],
+        num_images_per_prompt=2,
+        generator=generators,
+        output_type="latent",
+        num_inference_steps=4,
+    ).images
+    single = pipe(
+        "a cat", generator=torch.Generator().manual_seed(3), output_type="latent", num_inference_steps=4
+    ).images
     assert torch.equal(listed[3], single[0])
 
 
@@ -130,8 +150,13 @@ def test_clear_errors(pipe):
     with pytest.raises(ValueError, match="no tokenizer/text_encoder"):
         no_text("a red bus")
     embeds = pipe.encode_prompt("a red bus")
-    ids = latents(no_text, prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], negative_prompt_embeds=embeds[2],
-                  negative_pooled_prompt_embeds=embeds[3])
+    ids = latents(
+        no_text,
+        prompt_embeds=embeds[0],
+        pooled_prompt_embeds=embeds[1],
+        negative_prompt_embeds=embeds[2],
+        negative_pooled_prompt_embeds=embeds[3],
+    )
     assert torch.equal(ids, latents(pipe, prompt="a red bus"))
 
 
@@ -142,8 +167,13 @@ def test_full_offline_clip_tokenizer():
     from open_clip.tokenizer import SimpleTokenizer
 
     reference = SimpleTokenizer()
-    for text in ["A red double-decker bus, parked at 5pm!", "Ünïcödé café naïve", "emoji 🎨 and CJK 東京",
-                 "tabs\tand\nnewlines", "  spaces   everywhere  "]:
+    for text in [
+        "A red double-decker bus, parked at 5pm!",
+        "Ünïcödé café naïve",
+        "emoji 🎨 and CJK 東京",
+        "tabs\tand\nnewlines",
+        "  spaces   everywhere  ",
+    ]:
         assert tokenizer(text).input_ids == [49406, *reference.encode(text), 49407], text
     padded = tokenizer("a cat", padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[-1] == 49407

@@ -11,14 +11,44 @@ MASK = 1024
 
 # AutoNAT-L's searched 8-step strategy (reference/ANCHORS.md, configs/AutoNAT_L-T8_strategy.yaml)
 AUTONAT_L_T8 = dict(
-    mask_ratios=[0.9531645174140464, 0.8795409806037042, 0.7940230737075623, 0.745995860948045,
-                 0.6249785820461957, 0.407321956652571, 0.260658917067054],
-    mask_temperatures=[2.404912789740805, 2.477616274962803, 1.191696577294597, 0.7685444738649722,
-                       1.0673489052089495, 0.9353720330515827, 0.7843839537838292],
-    sampling_temperatures=[2.8999037830310685, 1.867261830931786, 1.1443729673819831, 1.3796334226014182,
-                           1.4699896959810144, 1.3760684112198358, 1.7082165405200722, 0.7133060703601533],
-    guidance_scales=[0.0001, 0.0001, 0.0001, 0.9151274967591447, 1.6160182878189675, 1.1945509026838659,
-                     1.38322370140345, 1.22678520936251],
+    mask_ratios=[
+        0.9531645174140464,
+        0.8795409806037042,
+        0.7940230737075623,
+        0.745995860948045,
+        0.6249785820461957,
+        0.407321956652571,
+        0.260658917067054,
+    ],
+    mask_temperatures=[
+        2.404912789740805,
+        2.477616274962803,
+        1.191696577294597,
+        0.7685444738649722,
+        1.0673489052089495,
+        0.9353720330515827,
+        0.7843839537838292,
+    ],
+    sampling_temperatures=[
+        2.8999037830310685,
+        1.867261830931786,
+        1.1443729673819831,
+        1.3796334226014182,
+        1.4699896959810144,
+        1.3760684112198358,
+        1.7082165405200722,
+        0.7133060703601533,
+    ],
+    guidance_scales=[
+        0.0001,
+        0.0001,
+        0.0001,
+        0.9151274967591447,
+        1.6160182878189675,
+        1.1945509026838659,
+        1.38322370140345,
+        1.22678520936251,
+    ],
 )
 
 
@@ -36,10 +66,13 @@ def run(scheduler, seq_len=256, batch=2, generator=None, steps=8, start=None, **
     return trace
 
 
-@pytest.mark.parametrize("seq_len, expected", [
-    (256, [251, 236, 212, 181, 142, 97, 49, 0]),
-    (1024, [1004, 946, 851, 724, 568, 391, 199, 0]),
-])
+@pytest.mark.parametrize(
+    "seq_len, expected",
+    [
+        (256, [251, 236, 212, 181, 142, 97, 49, 0]),
+        (1024, [1004, 946, 851, 724, 568, 391, 199, 0]),
+    ],
+)
 def test_masked_counts_follow_the_cosine_schedule(seq_len, expected):
     trace = run(MaskedTokenScheduler(), seq_len=seq_len, generator=torch.Generator().manual_seed(0))
     counts = [int((out.prev_sample == MASK).sum(1).unique().item()) for out in trace]
@@ -54,7 +87,9 @@ def test_schedule_values():
     assert scheduler.timesteps.tolist() == list(range(8))
     assert scheduler.step_guidance_scales == [(k / 8) * 2.5 for k in range(8)]
     assert scheduler.step_sampling_temperatures[:2] == [5.25, 4.5] and scheduler.step_sampling_temperatures[-1] == 1e-3
-    assert scheduler.step_mask_temperatures[0] == pytest.approx(1.5 * 7 / 8) and scheduler.step_mask_temperatures[-1] == 0
+    assert (
+        scheduler.step_mask_temperatures[0] == pytest.approx(1.5 * 7 / 8) and scheduler.step_mask_temperatures[-1] == 0
+    )
     assert scheduler.step_mask_ratios[-1] == math.cos(math.pi / 2) > 0  # float64: positive, floor(L * r) = 0
     scheduler.set_timesteps(8, sampling_temperature=0, guidance_scale=1.0)
     assert scheduler.step_sampling_temperatures == [0.0] * 8  # 0 means argmax, not the 1e-3 floor

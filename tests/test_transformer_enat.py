@@ -38,8 +38,9 @@ def test_forward_with_reuse_matches_original_and_reuse_matters(model, enat_io):
 
     # chaining our own state gives the same
     first = model(enat_io["fwd1.masked_ids"], class_labels=enat_io["fwd1.class_labels"])
-    chained = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"],
-                    reuse_state=first.reuse_state)
+    chained = model(
+        enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"], reuse_state=first.reuse_state
+    )
     assert close(chained.logits, enat_io["fwd2.logits"])
 
     plain = model(enat_io["fwd2.masked_ids"], class_labels=enat_io["fwd2.class_labels"])
@@ -155,7 +156,9 @@ def test_text_model_encodes_text_once_and_reuses_it():
         projected = model.prev_proj(first.reuse_state.text_hidden_states)
         assert torch.allclose(reused.reuse_state.text_hidden_states, projected, atol=1e-6)
         other_text = model(ids, encoder_hidden_states=torch.randn(2, 5, 12), pooled_text_embeds=pooled).logits
-        assert (other_text - model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits).abs().max() > 1e-3
+        assert (
+            other_text - model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits
+        ).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------------- errors
@@ -229,5 +232,8 @@ def test_reuse_state_of_another_batch_or_shape(small):
     uneven = state.mask.clone()
     uneven[0, 0] = True
     with pytest.raises(ValueError, match="different numbers of masked tokens"):
-        small(masked_ids(((8, 8, 8, 1), (8, 8, 8, 3))), class_labels=labels,
-              reuse_state=ENATReuseState(state.hidden_states, uneven))
+        small(
+            masked_ids(((8, 8, 8, 1), (8, 8, 8, 3))),
+            class_labels=labels,
+            reuse_state=ENATReuseState(state.hidden_states, uneven),
+        )

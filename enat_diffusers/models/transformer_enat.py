@@ -401,8 +401,10 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
                 )
             return
         if class_labels is not None or pooled_text_embeds is None:
-            raise ValueError("This is a text-to-image model: pass `pooled_text_embeds` (and `encoder_hidden_states` "
-                             "without a reuse state), not `class_labels`.")
+            raise ValueError(
+                "This is a text-to-image model: pass `pooled_text_embeds` (and `encoder_hidden_states` "
+                "without a reuse state), not `class_labels`."
+            )
         expected = (batch_size, self.config.text_embed_dim)
         if tuple(pooled_text_embeds.shape) != expected:
             raise ValueError(f"pooled_text_embeds must have shape {expected}, got {tuple(pooled_text_embeds.shape)}.")
@@ -414,8 +416,11 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             return None
         if encoder_hidden_states is None:
             raise ValueError("A text-to-image model needs `encoder_hidden_states` when no `reuse_state` is given.")
-        if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size
-                or encoder_hidden_states.shape[2] != self.config.text_embed_dim):
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != batch_size
+            or encoder_hidden_states.shape[2] != self.config.text_embed_dim
+        ):
             raise ValueError(
                 f"encoder_hidden_states must have shape ({batch_size}, text_sequence_length, "
                 f"{self.config.text_embed_dim}), got {tuple(encoder_hidden_states.shape)}."
@@ -487,9 +492,14 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             )
         has_text = state.text_hidden_states is not None
         if has_text != (self.config.text_embed_dim is not None):
-            raise ValueError("reuse_state does not fit this model: text hidden states are "
-                             f"{'present' if has_text else 'missing'}.")
-        if has_text and (state.text_hidden_states.shape[0] != batch_size
-                         or state.text_hidden_states.shape[2] != self.config.hidden_size):
-            raise ValueError(f"reuse_state.text_hidden_states has shape {tuple(state.text_hidden_states.shape)}, "
-                             f"expected ({batch_size}, text_sequence_length, {self.config.hidden_size}).")
+            raise ValueError(
+                f"reuse_state does not fit this model: text hidden states are {'present' if has_text else 'missing'}."
+            )
+        if has_text and (
+            state.text_hidden_states.shape[0] != batch_size
+            or state.text_hidden_states.shape[2] != self.config.hidden_size
+        ):
+            raise ValueError(
+                f"reuse_state.text_hidden_states has shape {tuple(state.text_hidden_states.shape)}, "
+                f"expected ({batch_size}, text_sequence_length, {self.config.hidden_size})."
+            )

@@ -1,1 +1,4 @@
 from .pipeline_enat import ENATPipeline
+
+
+__all__ = ["ENATPipeline"]

@@ -99,11 +99,14 @@ class ENATPipeline(DiffusionPipeline):
 
     def _encode_text(self, texts: List[str], device) -> (torch.Tensor, torch.Tensor):
         if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError("This pipeline has no tokenizer/text_encoder: pass `prompt_embeds` and "
-                             "`pooled_prompt_embeds` (and their negative counterparts) instead of text.")
+            raise ValueError(
+                "This pipeline has no tokenizer/text_encoder: pass `prompt_embeds` and "
+                "`pooled_prompt_embeds` (and their negative counterparts) instead of text."
+            )
         max_length = self.tokenizer.model_max_length
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
         untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
         if untruncated.shape[1] > max_length:
             removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
@@ -144,8 +147,9 @@ class ENATPipeline(DiffusionPipeline):
             negative = negative_prompt if negative_prompt is not None else ""
             negatives = [negative] * batch_size if isinstance(negative, str) else list(negative)
             if len(negatives) != batch_size:
-                raise ValueError(f"Got {len(negatives)} negative prompts for {batch_size} prompts; pass one, or one "
-                                 "per prompt.")
+                raise ValueError(
+                    f"Got {len(negatives)} negative prompts for {batch_size} prompts; pass one, or one per prompt."
+                )
             negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_text(negatives, device)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too.")
@@ -155,14 +159,27 @@ class ENATPipeline(DiffusionPipeline):
 
         if not do_classifier_free_guidance:
             negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        return tuple(map(repeat, (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-                                  negative_pooled_prompt_embeds)))
+        return tuple(
+            map(repeat, (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds))
+        )
 
     # ------------------------------------------------------------------------------------------------------ checks
 
-    def check_inputs(self, prompt, class_labels, negative_prompt, prompt_embeds, pooled_prompt_embeds,
-                     negative_prompt_embeds, height, width, num_inference_steps, num_images_per_prompt, output_type,
-                     callback_on_step_end_tensor_inputs):
+    def check_inputs(
+        self,
+        prompt,
+        class_labels,
+        negative_prompt,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        height,
+        width,
+        num_inference_steps,
+        num_images_per_prompt,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ):
         if self.is_text_to_image:
             if class_labels is not None:
                 raise ValueError("This is a text-to-image pipeline: pass `prompt`, not `class_labels`.")
@@ -174,30 +191,43 @@ class ENATPipeline(DiffusionPipeline):
                 raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
         else:
             if (prompt is None) == (class_labels is None):
-                raise ValueError("This is a class-conditional pipeline: pass exactly one of `prompt` (class names) "
-                                 "and `class_labels` (class ids).")
-            text_inputs = {"negative_prompt": negative_prompt, "prompt_embeds": prompt_embeds,
-                           "pooled_prompt_embeds": pooled_prompt_embeds,
-                           "negative_prompt_embeds": negative_prompt_embeds}
+                raise ValueError(
+                    "This is a class-conditional pipeline: pass exactly one of `prompt` (class names) "
+                    "and `class_labels` (class ids)."
+                )
+            text_inputs = {
+                "negative_prompt": negative_prompt,
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled_prompt_embeds,
+                "negative_prompt_embeds": negative_prompt_embeds,
+            }
             given = [name for name, value in text_inputs.items() if value is not None]
             if given:
-                raise ValueError(f"This is a class-conditional pipeline; it takes no text inputs ({', '.join(given)}). "
-                                 "Its unconditional branch is the null class.")
+                raise ValueError(
+                    f"This is a class-conditional pipeline; it takes no text inputs ({', '.join(given)}). "
+                    "Its unconditional branch is the null class."
+                )
         side = self.transformer.config.sample_size
         expected = side * self.vae_scale_factor
         if (height or expected) != expected or (width or expected) != expected:
-            raise ValueError(f"This model generates {expected}x{expected} images (a {side}x{side} token grid with a "
-                             f"{self.vae_scale_factor}x VQ decoder); got height={height}, width={width}.")
+            raise ValueError(
+                f"This model generates {expected}x{expected} images (a {side}x{side} token grid with a "
+                f"{self.vae_scale_factor}x VQ decoder); got height={height}, width={width}."
+            )
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= side * side:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {side * side}] (the number of tokens), "
-                             f"got {num_inference_steps!r}.")
+            raise ValueError(
+                f"num_inference_steps must be an integer in [1, {side * side}] (the number of tokens), "
+                f"got {num_inference_steps!r}."
+            )
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}.")
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}."
+            )
 
     def _class_labels(self, prompt, class_labels, device) -> torch.LongTensor:
         if prompt is not None:
@@ -279,23 +309,40 @@ class ENATPipeline(DiffusionPipeline):
             callback_on_step_end (`Callable`, *optional*): Called as `callback_on_step_end(pipe, step, timestep,
                 callback_kwargs)` after every step; may return a dict with a replacement `latents` (the ids of the
                 next step).
-            callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): Tensors passed to the callback.
+            callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): Tensors passed to the
+                callback.
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
         if num_inference_steps is None:
             num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
-        self.check_inputs(prompt, class_labels, negative_prompt, prompt_embeds, pooled_prompt_embeds,
-                          negative_prompt_embeds, height, width, num_inference_steps, num_images_per_prompt,
-                          output_type, callback_on_step_end_tensor_inputs)
+        self.check_inputs(
+            prompt,
+            class_labels,
+            negative_prompt,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            height,
+            width,
+            num_inference_steps,
+            num_images_per_prompt,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         device = self._execution_device
         side = self.transformer.config.sample_size
         mask_token_id = self.transformer.config.codebook_size
 
         # 1. Schedule (validates the sampling parameters), and whether guidance needs the unconditional branch.
-        self.scheduler.set_timesteps(num_inference_steps, device=device, guidance_scale=guidance_scale,
-                                     mask_temperature=mask_temperature, sampling_temperature=sampling_temperature)
+        self.scheduler.set_timesteps(
+            num_inference_steps,
+            device=device,
+            guidance_scale=guidance_scale,
+            mask_temperature=mask_temperature,
+            sampling_temperature=sampling_temperature,
+        )
         do_cfg = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
         self._num_timesteps = num_inference_steps
 
@@ -303,8 +350,16 @@ class ENATPipeline(DiffusionPipeline):
         model_kwargs = {}
         if self.is_text_to_image:
             embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(
-                prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, pooled_prompt_embeds,
-                negative_prompt_embeds, negative_pooled_prompt_embeds)
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_cfg,
+                negative_prompt,
+                prompt_embeds,
+                pooled_prompt_embeds,
+                negative_prompt_embeds,
+                negative_pooled_prompt_embeds,
+            )
             if do_cfg:
                 embeds, pooled = torch.cat([embeds, negative_embeds]), torch.cat([pooled, negative_pooled])
             model_kwargs.update(encoder_hidden_states=embeds, pooled_text_embeds=pooled)
@@ -331,8 +386,9 @@ class ENATPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(self.scheduler.timesteps):
                 model_input = torch.cat([latents, latents]) if do_cfg else latents
-                logits, state = self.transformer(model_input, reuse_state=reuse_state, return_dict=False,
-                                                 **model_kwargs)
+                logits, state = self.transformer(
+                    model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs
+                )
                 reuse_state = state if reuse_features else None
                 logits = logits.float()
                 if do_cfg:

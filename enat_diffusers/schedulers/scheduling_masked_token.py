@@ -148,8 +148,12 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
     def strategy_num_steps(self) -> Optional[int]:
         """The number of steps fixed by explicit per-step lists, or `None` for ENAT's schedule."""
         config = self.config
-        for values, extra in ((config.sampling_temperatures, 0), (config.guidance_scales, 0),
-                              (config.mask_ratios, 1), (config.mask_temperatures, 1)):
+        for values, extra in (
+            (config.sampling_temperatures, 0),
+            (config.guidance_scales, 0),
+            (config.mask_ratios, 1),
+            (config.mask_temperatures, 1),
+        ):
             if values is not None:
                 return len(values) + extra
         return None
@@ -171,16 +175,23 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}.")
         fixed = self.strategy_num_steps
         if fixed is not None and fixed != steps:
-            raise ValueError(f"This scheduler's per-step strategy is for {fixed} steps, got num_inference_steps={steps}.")
+            raise ValueError(
+                f"This scheduler's per-step strategy is for {fixed} steps, got num_inference_steps={steps}."
+            )
         config = self.config
-        overrides = {"guidance_scale": guidance_scale, "mask_temperature": mask_temperature,
-                     "sampling_temperature": sampling_temperature}
+        overrides = {
+            "guidance_scale": guidance_scale,
+            "mask_temperature": mask_temperature,
+            "sampling_temperature": sampling_temperature,
+        }
         for name, value in overrides.items():
             if value is None:
                 continue
             _check_non_negative(name, [value])
             if config[name + "s"] is not None:
-                raise ValueError(f"This scheduler has an explicit per-step `{name}s` list; `{name}` cannot override it.")
+                raise ValueError(
+                    f"This scheduler has an explicit per-step `{name}s` list; `{name}` cannot override it."
+                )
         guidance = config.guidance_scale if guidance_scale is None else guidance_scale
         mask_temp = config.mask_temperature if mask_temperature is None else mask_temperature
         samp_temp = config.sampling_temperature if sampling_temperature is None else sampling_temperature
@@ -197,8 +208,9 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         if config.sampling_temperatures is not None:
             self.step_sampling_temperatures = [float(t) for t in config.sampling_temperatures]
         else:  # ENAT floors the annealed temperature at 1e-3; 0 stays 0 (argmax)
-            self.step_sampling_temperatures = [max(samp_temp * (1 - r), 1e-3) if samp_temp > 0 else 0.0
-                                               for r in progress]
+            self.step_sampling_temperatures = [
+                max(samp_temp * (1 - r), 1e-3) if samp_temp > 0 else 0.0 for r in progress
+            ]
         if config.guidance_scales is not None:
             self.step_guidance_scales = [float(s) for s in config.guidance_scales]
         else:  # step k uses the ratio of step k - 1: no guidance at the first step
@@ -237,8 +249,10 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         ids = sample.reshape(batch_size, -1)  # (B, L)
         seq_len = ids.shape[1]
         if model_output.ndim != 3 or model_output.shape[:2] != (batch_size, seq_len):
-            raise ValueError(f"model_output must have shape ({batch_size}, {seq_len}, codebook_size), "
-                             f"got {tuple(model_output.shape)}.")
+            raise ValueError(
+                f"model_output must have shape ({batch_size}, {seq_len}, codebook_size), "
+                f"got {tuple(model_output.shape)}."
+            )
 
         # 1. Sample every position (visible ones keep their id).
         log_probs = torch.log_softmax(model_output.float(), dim=-1)  # (B, L, K)
