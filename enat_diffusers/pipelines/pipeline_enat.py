@@ -333,7 +333,7 @@ class ENATPipeline(DiffusionPipeline):
         )
         device = self._execution_device
         side = self.transformer.config.sample_size
-        mask_token_id = self.transformer.config.codebook_size
+        mask_token_id = self.transformer.mask_token_id
 
         # 1. Schedule (validates the sampling parameters), and whether guidance needs the unconditional branch.
         self.scheduler.set_timesteps(
@@ -368,7 +368,7 @@ class ENATPipeline(DiffusionPipeline):
             labels = self._class_labels(prompt, class_labels, device).repeat_interleave(num_images_per_prompt)
             batch_size = labels.shape[0]
             if do_cfg:  # the null class is `num_classes`
-                labels = torch.cat([labels, torch.full_like(labels, self.transformer.config.num_classes)])
+                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class_label)])
             model_kwargs.update(class_labels=labels)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got a list of {len(generator)} generators for {batch_size} images; pass one per image.")
