@@ -177,3 +177,27 @@ def test_full_offline_clip_tokenizer():
         assert tokenizer(text).input_ids == [49406, *reference.encode(text), 49407], text
     padded = tokenizer("a cat", padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[-1] == 49407
+
+
+def test_text_encoder_with_projection(pipe):
+    from transformers import CLIPTextModelWithProjection
+
+    config = pipe.text_encoder.config.to_dict()
+    config["projection_dim"] = 16  # the pooled width the transformer takes (text_embed_dim)
+    torch.manual_seed(0)
+    encoder = CLIPTextModelWithProjection(type(pipe.text_encoder.config)(**config)).eval()
+    projected = ENATPipeline(
+        transformer=pipe.transformer,
+        scheduler=pipe.scheduler,
+        vqvae=pipe.vqvae,
+        text_encoder=encoder,
+        tokenizer=pipe.tokenizer,
+    )
+    projected.set_progress_bar_config(disable=True)
+    embeds, pooled, _, _ = projected.encode_prompt("a red bus")
+    with torch.no_grad():
+        expected = encoder(
+            pipe.tokenizer("a red bus", padding="max_length", return_tensors="pt").input_ids
+        ).text_embeds
+    assert torch.allclose(pooled, expected)
+    assert latents(projected, prompt="a red bus").shape == (1, 4, 4)

@@ -33,7 +33,9 @@ class ENATPipeline(DiffusionPipeline):
         transformer ([`ENATTransformer2DModel`]): Predicts token logits.
         scheduler ([`MaskedTokenScheduler`]): Sampling schedule and re-masking.
         vqvae ([`VQModel`]): Decodes token ids to images in [0, 1]; needs `lookup_from_codebook=True`.
-        text_encoder ([`CLIPTextModel`], *optional*): Text encoder of text-to-image models.
+        text_encoder ([`CLIPTextModel`] or [`CLIPTextModelWithProjection`], *optional*): Text encoder of
+            text-to-image models: its last hidden states are the text tokens, its pooled (or projected pooled)
+            output the adaLN condition.
         tokenizer ([`CLIPTokenizer`], *optional*): Tokenizer of the text encoder.
         id2label (`Dict[int, str]`, *optional*): Class names of class-conditional models.
     """
@@ -112,7 +114,9 @@ class ENATPipeline(DiffusionPipeline):
             removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
             logger.warning(f"The text encoder takes at most {max_length} tokens; this was cut off: {removed}")
         output = self.text_encoder(tokens.input_ids.to(device))
-        return output.last_hidden_state, output.pooler_output
+        # CLIPTextModelWithProjection pools into `text_embeds`, CLIPTextModel into `pooler_output`
+        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+        return output.last_hidden_state, pooled
 
     def encode_prompt(
         self,
