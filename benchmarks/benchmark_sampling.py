@@ -1,0 +1,271 @@
+"""Sampling speed of the diffusers port vs. the original ENAT code's way of computing, side by side in one run.
+
+    python benchmarks/benchmark_sampling.py --model enat-l-256 --dtype bfloat16 --batch-size 1
+
+Variants, interleaved within every repeat (A, B, C, A, B, C, ...) after one warm-up each, under inference mode:
+
+* A: `original_enat.generate`: re-statement of the original computation (two model calls per step, multiway kv,
+  manual attention, boolean-index splits, host-syncing asserts, NumPy Gumbel noise);
+* B: `ENATPipeline(..., reuse_features=True)`: ours (cond+uncond in one batch, feature reuse);
+* C: `ENATPipeline(..., reuse_features=False)`: ours without ENAT's feature reuse.
+
+All three stop at token ids (B/C use `output_type="latent"`; no VQ decoding). `enat-l-*` models have random weights
+with exactly the shapes of the released checkpoints (`tests/fixtures/original_keys/*.json`); speed does not depend on
+the weight values because the number of masked tokens at every step is fixed by the schedule.
+
+Before timing, a correctness gate runs: on the tiny fixture checkpoint, A and B must reproduce the ids recorded from
+the original code exactly; then A and B are compared forward-by-forward on the benchmarked model.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import VQModel
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "conversion"))
+
+from convert_enat_to_diffusers import build_transformer  # noqa: E402
+from original_enat import OriginalENAT, generate  # noqa: E402
+
+from enat_diffusers import ENATPipeline, MaskedTokenScheduler  # noqa: E402
+
+
+# model -> where the weights come from, architecture not stored in the file, and sampling settings
+MODELS = {
+    "tiny": dict(keys=None, heads=4, encoder_layers=3, cfg=2.0, mask_temp=0.0, samp_temp=0.0),
+    "enat-l-256": dict(keys="enat_l_256.json", heads=16, encoder_layers=22, cfg=2.5, mask_temp=1.5, samp_temp=6.0),
+    "enat-l-512": dict(keys="enat_l_512.json", heads=16, encoder_layers=22, cfg=3.5, mask_temp=1.5, samp_temp=4.0),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SEED = 0
+
+
+def original_state_dict(model: str) -> dict:
+    """Original-format state dict: the tiny fixture, or seeded random weights with the released shapes.
+
+    Random weights are N(0, 0.02^2), except the LayerNorm weights (the only 1-D `.weight` keys): 1 + N(0, 0.02^2), so
+    that activations and logits are not scaled towards 0 and the A/B forward comparison is meaningful.
+    """
+    if MODELS[model]["keys"] is None:
+        return torch.load(FIXTURES / "enat_tiny.pth", map_location="cpu", weights_only=True)
+    shapes = json.loads((FIXTURES / "original_keys" / MODELS[model]["keys"]).read_text())
+    generator = torch.Generator().manual_seed(SEED)
+    state_dict = {}
+    for key, shape in shapes.items():
+        state_dict[key] = torch.randn(shape, generator=generator) * 0.02
+        if key.endswith(".weight") and len(shape) == 1:
+            state_dict[key] += 1
+    return state_dict
+
+
+def make_pipeline(state_dict: dict, heads: int, encoder_layers: int) -> ENATPipeline:
+    """Our pipeline around the converted transformer; the tiny VQModel is never used with `output_type="latent"`."""
+    transformer = build_transformer(state_dict, heads, encoder_layers)
+    codebook_size = transformer.config.codebook_size
+    vqvae = VQModel(
+        block_out_channels=[8, 16],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_vq_embeddings=codebook_size,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
+    )
+    pipe = ENATPipeline(transformer, MaskedTokenScheduler(mask_token_id=codebook_size), vqvae.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------------ correctness
+
+
+def correctness_gate(device: torch.device) -> None:
+    """A and B must reproduce the original code's recorded generation (`gen.final_ids`) exactly, in float32."""
+    meta = json.loads((FIXTURES / "fixture_meta.json").read_text())
+    settings, null_label = meta["generation_fixture"], meta["null_class_label"]
+    config = json.loads((FIXTURES / "enat_tiny_config.json").read_text())
+    heads, encoder_layers = config["num_heads"], config["enc_dec"][0]
+    recorded = load_file(FIXTURES / "enat_tiny_io.safetensors")
+    labels, expected = recorded["gen.class_labels"], recorded["gen.final_ids"]  # (3,), (3, 16)
+    state_dict = original_state_dict("tiny")
+
+    original = OriginalENAT.from_state_dict(state_dict, heads, encoder_layers).to(device)
+    pipe = make_pipeline(state_dict, heads, encoder_layers).to(device)
+    steps, cfg = settings["num_steps"], settings["cfg_scale"]
+    with torch.inference_mode():
+        torch.manual_seed(SEED)
+        np.random.seed(SEED)
+        ids_a = generate(original, labels.to(device), steps, cfg, settings["mask_temp"], settings["samp_temp"],
+                         null_label).cpu()  # fmt: skip
+        ids_b = pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=cfg,
+                     mask_temperature=settings["mask_temp"], sampling_temperature=settings["samp_temp"],
+                     output_type="latent").images.reshape(expected.shape).cpu()  # fmt: skip
+    ok_a, ok_b = torch.equal(ids_a, expected), torch.equal(ids_b, expected)
+    print(f"gate (tiny fixture, labels {labels.tolist()}, {steps} steps, cfg {cfg}, temps 0, float32):")
+    print(f"  A original-structure ids == recorded original ids: {ok_a}")
+    print(f"  B ours (ENATPipeline)    ids == recorded original ids: {ok_b}")
+    if not (ok_a and ok_b):
+        raise SystemExit("correctness gate FAILED: not timing")
+
+
+@torch.inference_mode()
+def compare_forwards(original: OriginalENAT, pipe: ENATPipeline, device: torch.device) -> None:
+    """Logits of A and B on the benchmarked model: a plain forward and a reuse forward (two schedule steps)."""
+    transformer, K = pipe.transformer, original.codebook_size
+    L = transformer.config.sample_size**2
+    generator = torch.Generator().manual_seed(SEED)
+    batch = 2
+    labels = torch.tensor([1, transformer.config.num_classes], device=device)  # a class and the null class
+    ids = torch.randint(0, K, (batch, L), generator=generator)
+    order = torch.argsort(torch.rand(batch, L, generator=generator), dim=1)  # reveal in a random order per row
+    masked_1, masked_2 = math.floor(L * math.cos(math.pi / 16)), math.floor(L * math.cos(math.pi / 8))
+    ids_1 = ids.scatter(1, order[:, :masked_1], K).to(device)  # masked_1 masks per row
+    ids_2 = ids.scatter(1, order[:, :masked_2], K).to(device)  # a subset of them stays masked
+    out_a1 = original(ids_1, labels, return_dict=True)
+    out_a2 = original(ids_2, labels, prev_dict=out_a1, return_dict=True)
+    out_b1 = transformer(ids_1, class_labels=labels)
+    out_b2 = transformer(ids_2, class_labels=labels, reuse_state=out_b1.reuse_state)
+    for name, a, b in (("plain", out_a1["logits"], out_b1.logits), ("reuse", out_a2["logits"], out_b2.logits)):
+        diff = (a.float() - b.float()).abs().max().item()
+        print(f"  forward check ({name}): max |logits A - logits B| = {diff:.2e} (max |logit| {a.abs().max():.2e})")
+
+
+# ---------------------------------------------------------------------------------------------------- measurement
+
+
+def count_gflops(fn) -> float:
+    """Model FLOPs of one call: matmuls and attention, as torch's FlopCounterMode counts them (2 per multiply-add).
+
+    torch counts the CUDA attention kernels but not the CPU one, so a formula for it is added (the same count as the
+    two batched matmuls of a manual attention: 2*B*H*Nq*Nk*(Dh + Dv)).
+    """
+
+    def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        batch = math.prod(query_shape[:-2])
+        (num_queries, head_dim), num_keys = query_shape[-2:], key_shape[-2]
+        return 2 * batch * num_queries * num_keys * (head_dim + value_shape[-1])
+
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa_flops}) as m:
+        fn()
+    return m.get_total_flops() / 1e9
+
+
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="enat-l-256")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per generation")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights/activations of A, B, C")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype, spec = torch.device(args.device), DTYPES[args.dtype], MODELS[args.model]
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    correctness_gate(device)
+
+    start = time.perf_counter()
+    state_dict = original_state_dict(args.model)
+    original = OriginalENAT.from_state_dict(state_dict, spec["heads"], spec["encoder_layers"])
+    pipe = make_pipeline(state_dict, spec["heads"], spec["encoder_layers"])
+    del state_dict
+    original.to(device=device, dtype=dtype)
+    pipe.to(device)
+    torch.nn.Module.to(pipe.transformer, dtype)  # (ModelMixin.to warns about dtype casts)
+    parameters = sum(p.numel() for p in original.parameters())
+    print(f"model {args.model}: {parameters / 1e6:.1f}M parameters (original layout), {args.dtype}, "
+          f"set up in {time.perf_counter() - start:.1f}s")  # fmt: skip
+    compare_forwards(original, pipe, device)
+
+    num_classes = pipe.transformer.config.num_classes
+    labels = [(7 * i + 1) % num_classes for i in range(args.batch_size)]
+    cfg, mask_temp, samp_temp = spec["cfg"], spec["mask_temp"], spec["samp_temp"]
+    print(f"sampling: batch {args.batch_size}, {args.steps} steps, cfg {cfg}, mask_temp {mask_temp}, "
+          f"samp_temp {samp_temp}, labels {labels[:8]}{' ...' if len(labels) > 8 else ''}")  # fmt: skip
+
+    def run_a():
+        torch.manual_seed(SEED)
+        np.random.seed(SEED)
+        label_tensor = torch.tensor(labels, device=device)
+        return generate(original, label_tensor, args.steps, cfg, mask_temp, samp_temp, null_label=num_classes)
+
+    def run_ours(reuse: bool):
+        generator = torch.Generator(device).manual_seed(SEED)
+        return pipe(class_labels=labels, num_inference_steps=args.steps, guidance_scale=cfg,
+                    mask_temperature=mask_temp, sampling_temperature=samp_temp, reuse_features=reuse,
+                    generator=generator, output_type="latent").images  # fmt: skip
+
+    variants = {
+        "A original structure": run_a,
+        "B ours (reuse)": lambda: run_ours(True),
+        "C ours (no reuse)": lambda: run_ours(False),
+    }
+    times = {name: [] for name in variants}
+    gflops, peak_memory = {}, {}
+    with torch.inference_mode():
+        for name, fn in variants.items():  # warm-up (also the peak-memory run on CUDA), then FLOPs
+            if device.type == "cuda":  # both models stay resident: report the peak above what is allocated now
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)
+            warmup = timed(fn, device)
+            if device.type == "cuda":
+                peak_memory[name] = (torch.cuda.max_memory_allocated(device) - resident) / 2**30
+            gflops[name] = count_gflops(fn)
+            print(f"  warm-up {name}: {warmup:.3f}s")
+        for repeat in range(args.repeats):
+            for name, fn in variants.items():
+                times[name].append(timed(fn, device))
+            print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{t[-1]:.3f}s" for t in times.values()))
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print()
+    print(f"model {args.model} | {args.dtype} | batch {args.batch_size} | {args.steps} steps | {device} "
+          f"| {args.repeats} repeats")  # fmt: skip
+    header = f"{'variant':<22} {'median s/gen':>12} {'min s/gen':>10} {'s/image':>8} {'GFLOPs/gen':>11}"
+    print(header + (f" {'peak GiB*':>10}" if peak_memory else ""))
+    for name in variants:
+        row = (f"{name:<22} {median[name]:>12.3f} {min(times[name]):>10.3f} "
+               f"{median[name] / args.batch_size:>8.3f} {gflops[name]:>11.2f}")  # fmt: skip
+        print(row + (f" {peak_memory[name]:>10.2f}" if peak_memory else ""))
+    if peak_memory:
+        weights = sum(p.numel() * p.element_size() for p in original.parameters()) / 2**30
+        print(f"* torch.cuda.max_memory_allocated above the resident weights (weights per model: {weights:.2f} GiB)")
+    a, b, c = (median[name] for name in variants)
+    print(f"speed-up of ours over the original structure (A/B): {a / b:.2f}")
+    print(f"speed-up from feature reuse (C/B): {c / b:.2f}")
+
+
+if __name__ == "__main__":
+    main()
