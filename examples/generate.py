@@ -1,8 +1,8 @@
 """Generate images with an ENAT pipeline folder or Hub repo.
 
-    python examples/generate.py --model enat-l-256 --prompt "golden retriever" "tabby" --output-dir samples
-    python examples/generate.py --model enat-l-256 --class-labels 207 281 --steps 8 --seed 0
-    python examples/generate.py --model my-text-model --prompt "a red bus in the snow"
+python examples/generate.py --model enat-l-256 --prompt "golden retriever" "tabby" --output-dir samples
+python examples/generate.py --model enat-l-256 --class-labels 207 281 --steps 8 --seed 0
+python examples/generate.py --model my-text-model --prompt "a red bus in the snow"
 """
 
 import argparse
@@ -28,8 +28,10 @@ def main(args):
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / f"{i:02d}_{str(c).replace(' ', '_')[:40]}_seed{args.seed + i}.png" for i, c in
-             enumerate(conditions)]
+    paths = [
+        output_dir / f"{i:02d}_{str(c).replace(' ', '_')[:40]}_seed{args.seed + i}.png"
+        for i, c in enumerate(conditions)
+    ]
     existing = [path for path in paths if path.exists()]
     if existing and not args.overwrite:
         raise SystemExit(f"error: {existing[0]} exists; pass --overwrite or another --output-dir")

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import convert_enat_to_diffusers as convert
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from conftest import tiny_class_pipeline
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from enat_diffusers import ENATPipeline
 
@@ -72,7 +74,15 @@ def test_released_settings_are_the_default(tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path)
-    loaded = ENATPipeline.from_pretrained(tmp_path)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        loaded = ENATPipeline.from_pretrained(tmp_path)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]  # e.g. no id2label type warning
     loaded.set_progress_bar_config(disable=True)
     assert loaded.get_label_ids(["golden retriever", "Tabby"]) == [207, 281]
     by_name = latents(loaded, prompt="golden retriever", generator=torch.Generator().manual_seed(0))

@@ -37,7 +37,8 @@ class ENATPipeline(DiffusionPipeline):
             text-to-image models: its last hidden states are the text tokens, its pooled (or projected pooled)
             output the adaLN condition.
         tokenizer ([`CLIPTokenizer`], *optional*): Tokenizer of the text encoder.
-        id2label (`Dict[int, str]`, *optional*): Class names of class-conditional models.
+        id2label (`Dict[int, str]`, *optional*): Class names of class-conditional models, stored in
+            `model_index.json`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
@@ -51,7 +52,7 @@ class ENATPipeline(DiffusionPipeline):
         vqvae: VQModel,
         text_encoder: Optional[Union[CLIPTextModel, CLIPTextModelWithProjection]] = None,
         tokenizer: Optional[CLIPTokenizer] = None,
-        id2label: Optional[Dict[int, str]] = None,
+        id2label: Optional[Dict[Union[int, str], str]] = None,  # JSON (model_index.json) keys are strings
     ):
         super().__init__()
         if tokenizer is not None and len(tokenizer) <= 2:
