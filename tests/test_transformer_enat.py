@@ -204,6 +204,8 @@ def test_wrong_shapes_and_kinds(small):
         small(masked_ids(), class_labels=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="class-conditional model"):
         small(masked_ids())
+    with pytest.raises(ValueError, match="no text embeddings"):
+        small(masked_ids(), class_labels=torch.tensor([0, 1]), encoder_hidden_states=torch.zeros(2, 3, 32))
     text_model = tiny_transformer(num_classes=None, text_embed_dim=12)
     with pytest.raises(ValueError, match="text-to-image model"):
         text_model(masked_ids(), class_labels=torch.tensor([0, 1]))

@@ -315,7 +315,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             the `reuse_state` for the next step.
         """
         input_ids = self._check_input_ids(input_ids)
-        self._check_condition(input_ids.shape[0], class_labels, pooled_text_embeds)
+        self._check_condition(input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds)
         mask = input_ids == self.mask_token_id  # (B, L)
         num_masked, num_new = self._check_token_data(input_ids, class_labels, mask, reuse_state)
         batch_size, seq_len = input_ids.shape
@@ -389,9 +389,9 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             f"{side}x{side} token grid, got {tuple(input_ids.shape)}."
         )
 
-    def _check_condition(self, batch_size, class_labels, pooled_text_embeds):
+    def _check_condition(self, batch_size, class_labels, encoder_hidden_states, pooled_text_embeds):
         if self.config.num_classes is not None:
-            if class_labels is None or pooled_text_embeds is not None:
+            if class_labels is None or pooled_text_embeds is not None or encoder_hidden_states is not None:
                 raise ValueError("This is a class-conditional model: pass `class_labels` and no text embeddings.")
             class_labels = class_labels.reshape(-1)
             if class_labels.shape[0] != batch_size or class_labels.is_floating_point():
@@ -411,8 +411,6 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
 
     def _embed_text(self, batch_size, encoder_hidden_states) -> Optional[torch.Tensor]:
         if self.config.text_embed_dim is None:
-            if encoder_hidden_states is not None:
-                raise ValueError("This is a class-conditional model: it takes no `encoder_hidden_states`.")
             return None
         if encoder_hidden_states is None:
             raise ValueError("A text-to-image model needs `encoder_hidden_states` when no `reuse_state` is given.")
