@@ -145,6 +145,16 @@ def test_clear_errors(pipe):
         pipe(prompt_embeds=torch.zeros(1, 77, 16))
     with pytest.raises(ValueError, match="at most one of `negative_prompt`"):
         pipe("a", negative_prompt="b", negative_prompt_embeds=torch.zeros(1, 77, 16))
+    embeds = pipe.encode_prompt(["a", "b"])
+    with pytest.raises(ValueError, match="must have the shapes of the prompt's"):
+        pipe(
+            prompt_embeds=embeds[0],
+            pooled_prompt_embeds=embeds[1],
+            negative_prompt_embeds=embeds[2][:1],
+            negative_pooled_prompt_embeds=embeds[3][:1],
+        )
+    with pytest.raises(ValueError, match="2 prompt_embeds but 1 pooled_prompt_embeds"):
+        pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1][:1])
     no_text = ENATPipeline(transformer=pipe.transformer, scheduler=pipe.scheduler, vqvae=pipe.vqvae)
     no_text.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="no tokenizer/text_encoder"):

@@ -158,6 +158,19 @@ class ENATPipeline(DiffusionPipeline):
             negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_text(negatives, device)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too.")
+        if pooled_prompt_embeds.shape[0] != batch_size:
+            raise ValueError(
+                f"Got {batch_size} prompt_embeds but {pooled_prompt_embeds.shape[0]} pooled_prompt_embeds."
+            )
+        if do_classifier_free_guidance and (
+            negative_prompt_embeds.shape != prompt_embeds.shape
+            or negative_pooled_prompt_embeds.shape != pooled_prompt_embeds.shape
+        ):
+            raise ValueError(
+                "The negative text embeddings must have the shapes of the prompt's: got "
+                f"{tuple(negative_prompt_embeds.shape)} and {tuple(negative_pooled_prompt_embeds.shape)} for "
+                f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}."
+            )
 
         def repeat(tensor):
             return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
