@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONVERTER = ROOT / "conversion" / "convert_enat_to_diffusers.py"
 sys.path.insert(0, str(CONVERTER.parent))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # original_enat.py: the original computation, re-stated
 
 
 def run_converter(*args):
