@@ -123,20 +123,27 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         beta_alpha: float = 12.0,
         beta_beta: float = 3.0,
     ):
-        for name in ("guidance_scale", "mask_temperature", "sampling_temperature"):
-            _check_non_negative(name, [locals()[name]])
-        for name in ("mask_ratios", "mask_temperatures", "sampling_temperatures", "guidance_scales"):
-            if locals()[name] is not None:
-                _check_non_negative(name, locals()[name])
+        scalars = {
+            "guidance_scale": guidance_scale,
+            "mask_temperature": mask_temperature,
+            "sampling_temperature": sampling_temperature,
+        }
+        lists = {
+            "mask_ratios": mask_ratios,
+            "mask_temperatures": mask_temperatures,
+            "sampling_temperatures": sampling_temperatures,
+            "guidance_scales": guidance_scales,
+        }
+        for name, value in [*scalars.items(), *lists.items()]:
+            if value is not None:
+                _check_non_negative(name, value if isinstance(value, list) else [value])
         if mask_ratios is not None and (
             any(r > 1 for r in mask_ratios) or any(b > a for a, b in zip(mask_ratios, mask_ratios[1:]))
         ):
             raise ValueError(f"mask_ratios must be non-increasing values in [0, 1], got {mask_ratios}.")
         if beta_alpha <= 0 or beta_beta <= 0:
             raise ValueError(f"beta_alpha and beta_beta must be positive, got {beta_alpha}, {beta_beta}.")
-        lengths = {len(v) + 1 for v in (mask_ratios, mask_temperatures) if v is not None}
-        lengths |= {len(v) for v in (sampling_temperatures, guidance_scales) if v is not None}
-        if len(lengths) > 1:
+        if len(_strategy_step_counts(lists)) > 1:
             raise ValueError(
                 "The per-step lists disagree on the number of steps: mask_ratios and mask_temperatures need T - 1 "
                 "values, sampling_temperatures and guidance_scales T values."
@@ -147,16 +154,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
     @property
     def strategy_num_steps(self) -> Optional[int]:
         """The number of steps fixed by explicit per-step lists, or `None` for ENAT's schedule."""
-        config = self.config
-        for values, extra in (
-            (config.sampling_temperatures, 0),
-            (config.guidance_scales, 0),
-            (config.mask_ratios, 1),
-            (config.mask_temperatures, 1),
-        ):
-            if values is not None:
-                return len(values) + extra
-        return None
+        counts = _strategy_step_counts({name: self.config[name] for name in STEP_LISTS})
+        return counts.pop() if counts else None
 
     def set_timesteps(
         self,
@@ -316,6 +315,14 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         count = min(max(round(seq_len * ratio), 1), seq_len - 1)
         masked = lowest_scores_mask(uniform_noise(ids.shape, generator, ids.device), count)
         return torch.where(masked, self.config.mask_token_id, ids).reshape(sample.shape)
+
+
+# per-step lists of the config -> how many steps have no entry (the last step re-masks nothing)
+STEP_LISTS = {"mask_ratios": 1, "mask_temperatures": 1, "sampling_temperatures": 0, "guidance_scales": 0}
+
+
+def _strategy_step_counts(lists: dict) -> set:
+    return {len(values) + STEP_LISTS[name] for name, values in lists.items() if values is not None}
 
 
 def _check_non_negative(name, values):
