@@ -14,6 +14,7 @@ setup(
         "torch>=2.4",
         "diffusers>=0.42,<0.43",
         "transformers>=5.0,<6",
+        "accelerate>=1.0",  # diffusers' low-memory loading (and, later, training)
         "safetensors",
         "numpy",
         "Pillow",
