@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["enat_diffusers", "enat_diffusers.*"]),
+    package_data={"enat_diffusers.conversion": ["imagenet_classes.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -20,9 +21,9 @@ setup(
         "Pillow",
     ],
     extras_require={
-        # conversion reads ImageNet class names from torchvision; the offline CLIP tokenizer uses open_clip's BPE file
-        "convert": ["torchvision"],
+        # the offline CLIP tokenizer reads open_clip's BPE file (install it with --no-deps: only the file is used)
         "tokenizer": ["open_clip_torch"],
-        "test": ["pytest", "torchvision", "open_clip_torch"],
+        "train": ["tensorboard", "matplotlib"],
+        "test": ["pytest", "peft", "tensorboard", "matplotlib"],
     },
 )

@@ -37,7 +37,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "conversion"))
 
-from convert_enat_to_diffusers import build_transformer  # noqa: E402
+from enat_diffusers.conversion import build_transformer  # noqa: E402
 from original_enat import OriginalENAT, generate  # noqa: E402
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler  # noqa: E402

@@ -4,19 +4,22 @@ Every public class is imported eagerly: diffusers finds the classes named in a s
 modules that are already imported.
 """
 
-import diffusers
-
 from .clip_tokenizer import build_clip_tokenizer
-from .models.transformer_enat import ENATReuseState, ENATTransformer2DModel, ENATTransformer2DModelOutput
+from .models.transformer_enat import (
+    ENATAttention,
+    ENATAttnProcessor,
+    ENATReuseState,
+    ENATTransformer2DModel,
+    ENATTransformer2DModelOutput,
+)
 from .pipelines.pipeline_enat import ENATPipeline
 from .schedulers.scheduling_masked_token import MaskedTokenScheduler, MaskedTokenSchedulerOutput
 
 
-# `DiffusionPipeline.from_pretrained` looks the pipeline class up by name on the diffusers module.
-setattr(diffusers, "ENATPipeline", ENATPipeline)
-
 __version__ = "0.1.0"
 __all__ = [
+    "ENATAttention",
+    "ENATAttnProcessor",
     "ENATPipeline",
     "ENATReuseState",
     "ENATTransformer2DModel",

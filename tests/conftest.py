@@ -19,7 +19,6 @@ from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenSche
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONVERTER = ROOT / "conversion" / "convert_enat_to_diffusers.py"
-sys.path.insert(0, str(CONVERTER.parent))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # original_enat.py: the original computation, re-stated
 
 
@@ -30,12 +29,12 @@ def run_converter(*args):
 
 def call_converter(*args) -> (int, str):
     """Runs the conversion CLI's `main` in this process; returns (exit code, stderr including the exit message)."""
-    import convert_enat_to_diffusers
+    from enat_diffusers.conversion import cli
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            convert_enat_to_diffusers.main([str(arg) for arg in args])
+            cli.main([str(arg) for arg in args])
         except SystemExit as exit:
             if isinstance(exit.code, str):
                 return 1, stderr.getvalue() + exit.code

@@ -1,6 +1,6 @@
 import json
 
-import convert_enat_to_diffusers as convert
+from enat_diffusers.conversion import checkpoints as convert
 import pytest
 import torch
 from conftest import FIXTURES, call_converter

@@ -1,7 +1,7 @@
 import json
 import logging
 
-import convert_enat_to_diffusers as convert
+from enat_diffusers.conversion import checkpoints as convert
 import numpy as np
 import PIL.Image
 import pytest
@@ -204,8 +204,13 @@ def test_save_load_round_trip_and_diffusion_pipeline_loading(tmp_path):
     pipe = tiny_class_pipeline()
     pipe.save_pretrained(tmp_path)
     reference = latents(pipe, class_labels=[1, 9], generator=torch.Generator().manual_seed(0))
-    for loader in (ENATPipeline, DiffusionPipeline):
-        loaded = loader.from_pretrained(tmp_path)
+    assert (tmp_path / "pipeline.py").read_text().startswith("from enat_diffusers import ENATPipeline")
+    for loader, kwargs in (
+        (ENATPipeline, {}),
+        # diffusers finds plain class names only in itself; the folder's one-line pipeline.py points at the package
+        (DiffusionPipeline, dict(custom_pipeline=str(tmp_path / "pipeline.py"), trust_remote_code=True)),
+    ):
+        loaded = loader.from_pretrained(tmp_path, **kwargs)
         assert isinstance(loaded, ENATPipeline)
         loaded.set_progress_bar_config(disable=True)
         assert torch.equal(latents(loaded, class_labels=[1, 9], generator=torch.Generator().manual_seed(0)), reference)
@@ -238,9 +243,9 @@ def pipe():
         (dict(class_labels=[1], prompt_embeds=torch.zeros(1, 4, 4)), "takes no text inputs"),
         (dict(class_labels=[1], num_inference_steps=0), r"integer in \[1, 16\]"),
         (dict(class_labels=[1], num_inference_steps=17), r"integer in \[1, 16\]"),
-        (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be non-negative"),
-        (dict(class_labels=[1], sampling_temperature=-0.5), "sampling_temperature must be non-negative"),
-        (dict(class_labels=[1], mask_temperature=-0.5), "mask_temperature must be non-negative"),
+        (dict(class_labels=[1], guidance_scale=-1.0), "guidance_scale must be a finite non-negative"),
+        (dict(class_labels=[1], sampling_temperature=-0.5), "sampling_temperature must be a finite non-negative"),
+        (dict(class_labels=[1], mask_temperature=-0.5), "mask_temperature must be a finite non-negative"),
         (dict(class_labels=[1], height=16), "generates 8x8 images"),
         (dict(class_labels=[1], width=4), "generates 8x8 images"),
         (dict(class_labels=[1, 2], generator=[torch.Generator()]), "list of 1 generators for 2 images"),

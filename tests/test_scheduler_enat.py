@@ -183,9 +183,9 @@ def test_invalid_configurations_and_arguments():
         MaskedTokenScheduler(mask_ratios=[0.5, 0.2], guidance_scales=[0, 1])
     with pytest.raises(ValueError, match="non-increasing"):
         MaskedTokenScheduler(mask_ratios=[0.5, 0.7])
-    with pytest.raises(ValueError, match="mask_temperature must be non-negative"):
+    with pytest.raises(ValueError, match="mask_temperature must be finite non-negative"):
         MaskedTokenScheduler().set_timesteps(8, mask_temperature=-1)
-    with pytest.raises(ValueError, match="guidance_scale must be non-negative"):
+    with pytest.raises(ValueError, match="guidance_scale must be finite non-negative"):
         MaskedTokenScheduler(guidance_scale=-2)
     with pytest.raises(ValueError, match="positive integer"):
         MaskedTokenScheduler().set_timesteps(0)

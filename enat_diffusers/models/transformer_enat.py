@@ -16,6 +16,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -59,16 +62,9 @@ def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     return hidden_states * (1 + scale) + shift
 
 
-class ENATFeedForward(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU."""
-
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, inner_dim)
-        self.fc2 = nn.Linear(inner_dim, dim)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(hidden_states), approximate="tanh"))
+def feed_forward(dim: int, inner_dim: int) -> FeedForward:
+    """diffusers' two-layer MLP with tanh-approximated GELU (`net.0.proj`, `net.2`), as the original's `Mlp`."""
+    return FeedForward(dim, inner_dim=inner_dim, activation_fn="gelu-approximate", bias=True)
 
 
 class ENATTokenEmbedding(nn.Module):
@@ -81,8 +77,8 @@ class ENATTokenEmbedding(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        positions = self.position_embeddings.weight[: input_ids.shape[1]]
-        return self.norm(self.word_embeddings(input_ids) + positions)  # (B, L, D)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.norm(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, L, D)
 
 
 class ENATPrevProjection(nn.Module):
@@ -91,43 +87,111 @@ class ENATPrevProjection(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.ff = ENATFeedForward(hidden_size, 4 * hidden_size)  # always 4x, whatever mlp_ratio is
+        self.ff = feed_forward(hidden_size, 4 * hidden_size)  # always 4x, whatever mlp_ratio is
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.ff(self.norm(hidden_states))
 
 
-class ENATAttention(nn.Module):
+class ENATAttnProcessor:
+    """
+    Default processor of [`ENATAttention`]: queries from the block's own tokens; keys and values from [context
+    tokens (through `add_k_proj`/`add_v_proj`), own tokens (through `to_k`/`to_v`)]. Attention itself goes through
+    diffusers' `dispatch_attention_fn`, so `attention_backend(...)` and `set_attention_backend` apply.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "ENATAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if encoder_hidden_states is not None:
+            if attn.fused_projections:
+                context_key, context_value = attn.to_added_kv(encoder_hidden_states).chunk(2, dim=-1)
+            else:
+                context_key = attn.add_k_proj(encoder_hidden_states)
+                context_value = attn.add_v_proj(encoder_hidden_states)
+            key = torch.cat([context_key, key], dim=1)  # (B, Nc + N, D)
+            value = torch.cat([context_value, value], dim=1)
+
+        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # (B, N, H, Dh)
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class ENATAttention(nn.Module, AttentionModuleMixin):
     """
     Multi-head attention in which queries come only from the block's own tokens, and keys/values come from
-    [context tokens, own tokens] through two separate projections (`add_kv_proj` for the context, `to_qkv` for the
-    own tokens). Context tokens are read, never updated.
+    [context tokens, own tokens] through two separate sets of projections (`add_k_proj`/`add_v_proj` for the
+    context, `to_k`/`to_v` for the own tokens). Context tokens are read, never updated, so there is no
+    `add_q_proj` and no context output projection.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    _default_processor_cls = ENATAttnProcessor
+    _available_processors = [ENATAttnProcessor]
+
+    def __init__(self, query_dim: int, heads: int, processor=None):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {num_heads}")
-        self.num_heads = num_heads
-        self.to_qkv = nn.Linear(dim, 3 * dim)  # own tokens: query | key | value
-        self.add_kv_proj = nn.Linear(dim, 2 * dim)  # context tokens: key | value
-        self.to_out = nn.Linear(dim, dim)
+        if heads < 1 or query_dim % heads != 0:
+            raise ValueError(f"hidden_size {query_dim} is not divisible into {heads} attention heads")
+        self.heads = heads
+        self.head_dim = query_dim // heads
+        self.inner_dim = query_dim
+        self.use_bias = True
+        self.to_q = nn.Linear(query_dim, query_dim)
+        self.to_k = nn.Linear(query_dim, query_dim)
+        self.to_v = nn.Linear(query_dim, query_dim)
+        self.add_k_proj = nn.Linear(query_dim, query_dim)
+        self.add_v_proj = nn.Linear(query_dim, query_dim)
+        self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim), nn.Dropout(0.0)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
 
-    def forward(self, hidden_states: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        batch_size, seq_len, dim = hidden_states.shape
-        head_dim = dim // self.num_heads
+    @torch.no_grad()
+    def fuse_projections(self):
+        """Fuses `to_q/to_k/to_v` into `to_qkv` and `add_k_proj/add_v_proj` into `to_added_kv` (fewer, larger
+        matmuls). The separate projections stay; `unfuse_projections` drops the fused ones."""
+        if self.fused_projections:
+            return
+        for name, parts in (("to_qkv", (self.to_q, self.to_k, self.to_v)), ("to_added_kv", (self.add_k_proj, self.add_v_proj))):
+            weight = torch.cat([p.weight for p in parts])
+            fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+            fused.weight.copy_(weight)
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+            setattr(self, name, fused)
+        self.fused_projections = True
 
-        qkv = self.to_qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
-        if context is not None:
-            context_kv = self.add_kv_proj(context).view(batch_size, context.shape[1], 2, self.num_heads, head_dim)
-            context_key, context_value = context_kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Nc, Dh)
-            key = torch.cat([context_key, key], dim=2)  # (B, H, Nc + N, Dh)
-            value = torch.cat([context_value, value], dim=2)
+    @torch.no_grad()
+    def unfuse_projections(self):
+        if not self.fused_projections:
+            return
+        del self.to_qkv, self.to_added_kv
+        self.fused_projections = False
 
-        attn_output = F.scaled_dot_product_attention(query, key, value)  # (B, H, N, Dh)
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, seq_len, dim)
-        return self.to_out(attn_output)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
 class ENATBlock(nn.Module):
@@ -142,11 +206,14 @@ class ENATBlock(nn.Module):
         self.norm1_context = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.attn = ENATAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.ff = ENATFeedForward(dim, int(dim * mlp_ratio))
+        self.ff = feed_forward(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Linear(dim, 8 * dim)  # applied to SiLU(condition)
 
     def forward(
-        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, context: Optional[torch.Tensor] = None
+        self,
+        hidden_states: torch.Tensor,
+        conditioning: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         modulation = self.adaLN_modulation(F.silu(conditioning)).unsqueeze(1)  # (B, 1, 8D)
         shift_msa, scale_msa, shift_ctx, scale_ctx, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(8, -1)
@@ -174,7 +241,7 @@ class ENATMlmHead(nn.Module):
         return F.linear(hidden_states, word_embeddings, self.bias)
 
 
-class ENATTransformer2DModel(ModelMixin, ConfigMixin):
+class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""
     The ENAT transformer: predicts VQ codes for every [MASK] token of a token grid.
 
@@ -206,6 +273,9 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ENATBlock"]
+    _repeated_blocks = ["ENATBlock"]
+    # Embedding tables stay in the compute dtype: the output head scores against the token embedding table.
+    _skip_layerwise_casting_patterns = ["embed", "norm"]
 
     @register_to_config
     def __init__(
@@ -262,6 +332,12 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
         for block in [*self.encoder_blocks, *self.decoder_blocks]:
+            # The original fuses each key/value pair into one (2D, D) linear: keep its Xavier bound.
+            for first, second in ((block.attn.to_k, block.attn.to_v), (block.attn.add_k_proj, block.attn.add_v_proj)):
+                fused = torch.empty(2 * first.out_features, first.in_features, device=first.weight.device)
+                nn.init.xavier_uniform_(fused)
+                first.weight.data.copy_(fused[: first.out_features])
+                second.weight.data.copy_(fused[first.out_features :])
             # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN_modulation.weight)
             nn.init.zeros_(block.adaLN_modulation.bias)

@@ -2,13 +2,19 @@
 """ENATPipeline: class-conditional and text-to-image generation with ENAT."""
 
 import difflib
-from typing import Callable, Dict, List, Optional, Union
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
 
+import numpy as np
 import torch
 from diffusers import VQModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..models.transformer_enat import ENATTransformer2DModel
@@ -19,6 +25,25 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_NUM_INFERENCE_STEPS = 8
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+# Written into every saved pipeline folder: `DiffusionPipeline.from_pretrained(folder, custom_pipeline=<this file>,
+# trust_remote_code=True)` then resolves to the installed class (diffusers looks plain class names up only in itself).
+PIPELINE_SHIM = "pipeline.py"
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from enat_diffusers import ENATPipeline
+
+        >>> pipe = ENATPipeline.from_pretrained("pretrained/enat-shapes")  # a folder or a hub id
+        >>> image = pipe("a large red circle on the left and a small blue square on the right").images[0]
+
+        >>> # class-conditional pipelines (converted ImageNet checkpoints) take class names or ids
+        >>> # image = pipe("golden retriever", generator=torch.Generator().manual_seed(0)).images[0]
+        >>> # image = pipe(class_labels=[207], guidance_scale=2.5).images[0]
+        ```
+"""
 
 
 class ENATPipeline(DiffusionPipeline):
@@ -55,6 +80,7 @@ class ENATPipeline(DiffusionPipeline):
         id2label: Optional[Dict[Union[int, str], str]] = None,  # JSON (model_index.json) keys are strings
     ):
         super().__init__()
+        check_components(transformer, scheduler, vqvae)
         if tokenizer is not None and len(tokenizer) <= 2:
             raise ValueError(
                 f"The tokenizer has only {len(tokenizer)} tokens: its files are missing or empty (a pipeline folder "
@@ -72,6 +98,7 @@ class ENATPipeline(DiffusionPipeline):
         )
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
         self.register_to_config(id2label=id2label)
+        self._interrupt = False
         self.labels = {}  # lower-case name -> ids
         for key, value in (id2label or {}).items():
             self.labels.setdefault(value.strip().lower(), []).append(key)
@@ -110,10 +137,14 @@ class ENATPipeline(DiffusionPipeline):
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[1] > max_length:
-            removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
-            logger.warning(f"The text encoder takes at most {max_length} tokens; this was cut off: {removed}")
+        for text, ids in zip(texts, self.tokenizer(texts).input_ids):
+            if len(ids) > max_length:
+                words = text.split()
+                start = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
+                logger.warning(
+                    f"A prompt is {len(ids)} tokens long but the text encoder takes {max_length}: its last "
+                    f"{len(ids) - max_length} tokens were cut off (prompt: {start!r})."
+                )
         output = self.text_encoder(tokens.input_ids.to(device))
         # CLIPTextModelWithProjection pools into `text_embeds`, CLIPTextModel into `pooler_output`
         pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
@@ -185,6 +216,7 @@ class ENATPipeline(DiffusionPipeline):
 
     def check_inputs(
         self,
+        *,
         prompt,
         class_labels,
         negative_prompt,
@@ -197,7 +229,36 @@ class ENATPipeline(DiffusionPipeline):
         num_images_per_prompt,
         output_type,
         callback_on_step_end_tensor_inputs,
+        guidance_scale=None,
+        mask_temperature=None,
+        sampling_temperature=None,
+        generator=None,
     ):
+        check_prompt(prompt, "prompt")
+        check_prompt(negative_prompt, "negative_prompt")
+        for name, value in (
+            ("guidance_scale", guidance_scale),
+            ("mask_temperature", mask_temperature),
+            ("sampling_temperature", sampling_temperature),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
+        generators = generator if isinstance(generator, list) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
+            raise TypeError(
+                f"generator must be a torch.Generator or a list of them (one per image), got {generator!r}."
+            )
+        for name, value in (
+            ("prompt_embeds", prompt_embeds),
+            ("pooled_prompt_embeds", pooled_prompt_embeds),
+            ("negative_prompt_embeds", negative_prompt_embeds),
+        ):
+            if value is not None and (not isinstance(value, torch.Tensor) or not value.is_floating_point()):
+                raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}.")
+            if value is not None and not torch.isfinite(value).all():
+                raise ValueError(f"{name} contains NaN or infinite values.")
         if self.is_text_to_image:
             if class_labels is not None:
                 raise ValueError("This is a text-to-image pipeline: pass `prompt`, not `class_labels`.")
@@ -251,23 +312,149 @@ class ENATPipeline(DiffusionPipeline):
         if prompt is not None:
             labels = self.get_label_ids(prompt)
         elif isinstance(class_labels, torch.Tensor):
+            if class_labels.ndim > 1 or class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                raise ValueError(
+                    "class_labels must be a 0-d or 1-d integer tensor, got a "
+                    f"{class_labels.dtype} tensor of shape {tuple(class_labels.shape)}."
+                )
             labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (list, tuple, np.ndarray)):
+            labels = list(np.asarray(class_labels).reshape(-1)) if isinstance(class_labels, np.ndarray) else list(class_labels)
         else:
-            labels = [class_labels] if isinstance(class_labels, int) else list(class_labels)
+            labels = [class_labels]
+        if not labels:
+            raise ValueError("class_labels is empty: pass at least one class id.")
         num_classes = self.transformer.config.num_classes
         for label in labels:
-            if isinstance(label, bool) or not hasattr(label, "__index__") or not 0 <= label < num_classes:
-                raise ValueError(f"Class label {label!r} is not a class id in [0, {num_classes - 1}].")
-        labels = [int(label) for label in labels]
-        return torch.tensor(labels, dtype=torch.long, device=device)
+            is_int = isinstance(label, (numbers.Integral, np.integer)) and not isinstance(label, (bool, np.bool_))
+            if not is_int or not 0 <= label < num_classes:
+                raise ValueError(f"class_labels entry {label!r} is not a class id in [0, {num_classes - 1}].")
+        return torch.tensor([int(label) for label in labels], dtype=torch.long, device=device)
+
+    # -------------------------------------------------------------------------------------------------- properties
+
+    @property
+    def guidance_scale(self) -> float:
+        """The final guidance scale of this call's schedule (ENAT ramps it linearly from 0)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether any step of this call is guided (then cond and uncond run as one doubled batch)."""
+        return self._do_classifier_free_guidance
 
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` from a callback to stop; the tokens still masked are filled with the last
+        step's predictions."""
+        return self._interrupt
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
+        """`DiffusionPipeline.save_pretrained`, plus a one-line `pipeline.py` that lets plain
+        `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder/pipeline.py, trust_remote_code=True)` load
+        the folder with the installed `enat_diffusers`."""
+        super().save_pretrained(save_directory, **kwargs)
+        shim = f"from {type(self).__module__.split('.')[0]} import {type(self).__name__}  # noqa: F401\n"
+        (Path(save_directory) / PIPELINE_SHIM).write_text(shim)
+
     # ---------------------------------------------------------------------------------------------------- sampling
 
+    def sample_tokens(
+        self,
+        latents: torch.LongTensor,
+        model_kwargs: Dict[str, Any],
+        generator=None,
+        reuse_features: bool = True,
+        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ("latents",),
+    ) -> torch.LongTensor:
+        """
+        The decoding loop shared by the generation and editing pipelines: runs the scheduler's steps from `latents`
+        (`(B, L)` ids, [MASK] where unknown) and returns `(B, L)` ids without [MASK]. `set_timesteps` must have run;
+        `model_kwargs` hold the condition, already doubled (cond first) when guidance is on.
+
+        A callback may change the ids between steps. Reuse stays exact: when a callback changes or re-masks a token
+        that the reuse state has already encoded, the state is dropped and the next step re-encodes every visible
+        token (as `reuse_features=False` would for that step). Tokens still masked after the last step (re-masked by a
+        callback) get one more final step.
+        """
+        mask_token_id = self.transformer.mask_token_id
+        do_cfg = self._do_classifier_free_guidance
+        timesteps = self.scheduler.timesteps
+        reuse_state = None
+        predicted = latents
+
+        def run_step(index, timestep, latents, reuse_state):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            logits, state = self.transformer(model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs)
+            logits = logits.float()
+            if do_cfg:
+                cond, uncond = logits.chunk(2)
+                logits = cond + self.scheduler.step_guidance_scales[index] * (cond - uncond)
+            output = self.scheduler.step(logits, timestep, latents, generator=generator)
+            return output.prev_sample, output.pred_original_sample, state
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                latents, predicted, state = run_step(i, t, latents, reuse_state)
+                reuse_state = state if reuse_features else None
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    if callback_outputs is not None and not isinstance(callback_outputs, dict):
+                        raise TypeError(
+                            "callback_on_step_end must return a dict (e.g. {'latents': ids}) or None, got "
+                            f"{type(callback_outputs).__name__}."
+                        )
+                    new_latents = self._check_callback_latents((callback_outputs or {}).get("latents", latents), latents)
+                    if reuse_state is not None:
+                        encoded = ~reuse_state.mask[: latents.shape[0]]  # tokens the state holds features of
+                        if (encoded & (new_latents != latents)).any():
+                            logger.info(f"step {i}: the callback changed encoded tokens; the next step re-encodes all")
+                            reuse_state = None
+                    latents = new_latents
+                progress_bar.update()
+
+        if self.interrupt:  # fill what is still masked with the last predictions
+            return torch.where(latents == mask_token_id, predicted, latents)
+        if (latents == mask_token_id).any():  # re-masked by the callback after the last step
+            latents, _, _ = run_step(len(timesteps) - 1, timesteps[-1], latents, reuse_state)
+        return latents
+
+    def _check_callback_latents(self, new_latents, latents) -> torch.LongTensor:
+        if not isinstance(new_latents, torch.Tensor) or new_latents.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"callback_on_step_end returned `latents` of type {type(new_latents).__name__}"
+                f"{'' if not isinstance(new_latents, torch.Tensor) else ' ' + str(new_latents.dtype)}; "
+                "it must be an integer torch.Tensor of token ids."
+            )
+        if new_latents.numel() != latents.numel() or new_latents.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"callback_on_step_end returned `latents` of shape {tuple(new_latents.shape)}; expected "
+                f"{tuple(latents.shape)} (or the grid shape)."
+            )
+        new_latents = new_latents.to(device=latents.device, dtype=torch.long).reshape(latents.shape)
+        mask_token_id = self.transformer.mask_token_id
+        if ((new_latents < 0) | (new_latents > mask_token_id)).any():
+            raise ValueError(f"callback_on_step_end returned ids outside [0, {mask_token_id}] ([MASK] = {mask_token_id}).")
+        num_masked = (new_latents == mask_token_id).sum(1)
+        if (num_masked != num_masked[0]).any():
+            raise ValueError(
+                "callback_on_step_end returned `latents` with different numbers of [MASK] tokens per image "
+                f"({num_masked.tolist()}); ENAT needs the same number in every image."
+            )
+        return new_latents
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
@@ -289,65 +476,95 @@ class ENATPipeline(DiffusionPipeline):
         reuse_features: bool = True,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ):
         r"""
         Generates images.
 
+        **Guidance follows ENAT, not diffusers' usual convention:** the guided logits are `cond + s * (cond - uncond)`,
+        so `guidance_scale=0` means *no* guidance (and no unconditional pass), and `s` ramps linearly from 0 at the
+        first step towards `guidance_scale` at the last (step `k` of `T` uses `(k / T) * guidance_scale`).
+
         Args:
-            prompt (`str` or `List[str]`, *optional*): Text prompts (text-to-image) or class names (class-conditional).
-            class_labels (`int`, `List[int]` or `torch.LongTensor`, *optional*): Class ids (class-conditional).
-            height (`int`, *optional*), width (`int`, *optional*): Must equal the model's size (token grid side times
-                the VQ model's downsampling factor), the default.
-            num_inference_steps (`int`, *optional*, defaults to 8): Decoding steps; fixed by the scheduler's per-step
-                strategy if it has one.
-            guidance_scale (`float`, *optional*): ENAT guidance: logits `cond + s * (cond - uncond)` with `s` ramping
-                linearly from 0 at the first step towards `guidance_scale`. 0 disables guidance (and the
-                unconditional pass). Defaults to the scheduler's config (the released setting for converted models).
-            negative_prompt (`str` or `List[str]`, *optional*): Text for the unconditional branch (text-to-image);
-                one string is used for every prompt. Defaults to the empty prompt.
-            num_images_per_prompt (`int`, defaults to 1): Images per prompt or class.
-            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): Randomness; a list gives one
-                generator per image, so an image does not depend on the rest of the batch.
-            latents (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*): Token ids to start from,
-                [MASK] where unknown (every row with the same number of [MASK]); all-[MASK] by default. Given tokens
-                are kept.
-            prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
-                (`torch.Tensor`, *optional*): Precomputed text embeddings (see `encode_prompt`).
-            mask_temperature (`float`, *optional*): Initial Gumbel temperature of the re-masking confidence, annealed
-                to 0; randomises which tokens are kept. Defaults to the scheduler's config.
-            sampling_temperature (`float`, *optional*): Initial temperature of token sampling, annealed to 1e-3;
-                0 means argmax. Defaults to the scheduler's config.
-            reuse_features (`bool`, defaults to `True`): ENAT's temporal reuse: each step encodes only the tokens
-                revealed since the previous step. `False` re-encodes every visible token at every step.
-            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` (`(B, 3, H, W)` in [0, 1]) or
-                `"latent"` (token ids `(B, h, w)`).
-            return_dict (`bool`, defaults to `True`): Return an `ImagePipelineOutput` instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): Called as `callback_on_step_end(pipe, step, timestep,
-                callback_kwargs)` after every step; may return a dict with a replacement `latents` (the ids of the
-                next step).
-            callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`): Tensors passed to the
-                callback.
+            prompt (`str` or `List[str]`, *optional*):
+                Text prompts (text-to-image pipelines) or class names (class-conditional pipelines, see `id2label`).
+            class_labels (`int`, `List[int]` or `torch.LongTensor`, *optional*):
+                Class ids, for class-conditional pipelines instead of `prompt`.
+            height (`int`, *optional*):
+                Must equal the model's size (token grid side times the VQ model's downsampling factor), the default.
+            width (`int`, *optional*):
+                Must equal the model's size, the default.
+            num_inference_steps (`int`, *optional*, defaults to 8):
+                Decoding steps; fixed by the scheduler's per-step strategy if it has one.
+            guidance_scale (`float`, *optional*):
+                Final value of ENAT's guidance ramp (see above; 0 disables guidance). Defaults to the scheduler's
+                config (the released setting for converted models).
+            negative_prompt (`str` or `List[str]`, *optional*):
+                Text for the unconditional branch (text-to-image); one string serves every prompt. Defaults to "".
+            num_images_per_prompt (`int`, defaults to 1):
+                Images per prompt or class; the images of one prompt are consecutive in the output.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*):
+                Source of all randomness. A list gives one generator per image, so that an image does not depend on
+                the rest of the batch.
+            latents (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                Token ids to start from, [MASK] where unknown (the same number of [MASK] in every image); all-[MASK] by
+                default. Given tokens are kept.
+            prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed text token embeddings `(batch_size, text_sequence_length, text_embed_dim)`.
+            pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed pooled text embeddings `(batch_size, text_embed_dim)`; needed with `prompt_embeds`.
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed token embeddings of the unconditional branch.
+            negative_pooled_prompt_embeds (`torch.Tensor`, *optional*):
+                Precomputed pooled embeddings of the unconditional branch.
+            mask_temperature (`float`, *optional*):
+                Initial Gumbel temperature of the re-masking confidence, annealed to 0; randomises which tokens are
+                kept. 0 is deterministic. Defaults to the scheduler's config.
+            sampling_temperature (`float`, *optional*):
+                Initial temperature of token sampling, annealed to 1e-3; 0 means argmax. Defaults to the scheduler's
+                config.
+            reuse_features (`bool`, defaults to `True`):
+                ENAT's temporal reuse: each step encodes only the tokens revealed since the previous step. `False`
+                re-encodes every visible token at every step.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` (`(B, 3, H, W)` in [0, 1]) or `"latent"` (token ids `(B, h, w)`).
+            return_dict (`bool`, defaults to `True`):
+                Return an [`~pipelines.ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after every step. It may
+                return `{"latents": ids}` to change the ids of the next step: reveal, change or re-mask tokens (the
+                same number of [MASK] in every image). Edits of already-encoded tokens drop the reuse state for one
+                step, so that they always reach the model.
+            callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`):
+                Tensors passed to the callback; taken from the callback itself for `PipelineCallback`s.
+
+        Examples:
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if num_inference_steps is None:
             num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
         self.check_inputs(
-            prompt,
-            class_labels,
-            negative_prompt,
-            prompt_embeds,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            height,
-            width,
-            num_inference_steps,
-            num_images_per_prompt,
-            output_type,
-            callback_on_step_end_tensor_inputs,
+            prompt=prompt,
+            class_labels=class_labels,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance_scale=guidance_scale,
+            mask_temperature=mask_temperature,
+            sampling_temperature=sampling_temperature,
+            generator=generator,
         )
         device = self._execution_device
         side = self.transformer.config.sample_size
@@ -361,8 +578,10 @@ class ENATPipeline(DiffusionPipeline):
             mask_temperature=mask_temperature,
             sampling_temperature=sampling_temperature,
         )
-        do_cfg = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
+        self._do_classifier_free_guidance = do_cfg = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
+        self._guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
         self._num_timesteps = num_inference_steps
+        self._interrupt = False
 
         # 2. Conditions: the conditional batch first, the unconditional one second.
         model_kwargs = {}
@@ -394,43 +613,67 @@ class ENATPipeline(DiffusionPipeline):
         # 3. Starting tokens.
         if latents is None:
             latents = torch.full((batch_size, side * side), mask_token_id, dtype=torch.long, device=device)
-        elif tuple(latents.shape) != (batch_size, side, side):
-            raise ValueError(f"latents must have shape {(batch_size, side, side)}, got {tuple(latents.shape)}.")
         else:
-            latents = latents.to(device=device, dtype=torch.long).reshape(batch_size, side * side)
+            latents = self._check_start_latents(latents, batch_size)
 
-        # 4. Decoding loop. One state object carries the reuse chains of both halves of the doubled batch.
-        reuse_state = None
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if do_cfg else latents
-                logits, state = self.transformer(
-                    model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs
-                )
-                reuse_state = state if reuse_features else None
-                logits = logits.float()
-                if do_cfg:
-                    cond, uncond = logits.chunk(2)
-                    logits = cond + self.scheduler.step_guidance_scales[i] * (cond - uncond)
-                latents = self.scheduler.step(logits, t, latents, generator=generator).prev_sample
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents}
-                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents) if callback_outputs else latents
-                progress_bar.update()
-
-        # 5. Decode. The last step re-masks nothing, so `latents` are the final tokens.
-        latents = latents.reshape(batch_size, side, side)
-        if output_type == "latent":
-            images = latents
-        else:
-            shape = (batch_size, side, side, self.vqvae.config.vq_embed_dim or self.vqvae.config.latent_channels)
-            images = self.vqvae.decode(latents, force_not_quantize=True, shape=shape).sample.clamp(0, 1)
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        # 4. Decoding loop, then the VQ decoder.
+        latents = self.sample_tokens(
+            latents,
+            model_kwargs,
+            generator=generator,
+            reuse_features=reuse_features,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        images = self.decode_tokens(latents.reshape(batch_size, side, side), output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _check_start_latents(self, latents, batch_size) -> torch.LongTensor:
+        side = self.transformer.config.sample_size
+        if not isinstance(latents, torch.Tensor) or latents.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"latents must be an integer torch.Tensor of token ids, got {type(latents).__name__}.")
+        if tuple(latents.shape) != (batch_size, side, side):
+            raise ValueError(f"latents must have shape {(batch_size, side, side)}, got {tuple(latents.shape)}.")
+        return self._check_callback_latents(latents, latents.reshape(batch_size, side * side)).to(self._execution_device)
+
+    def decode_tokens(self, tokens: torch.LongTensor, output_type: str = "pil"):
+        """`(B, h, w)` token ids -> images of `output_type` (`"latent"` returns the ids)."""
+        if output_type == "latent":
+            return tokens
+        batch_size, height, width = tokens.shape
+        shape = (batch_size, height, width, self.vqvae.config.vq_embed_dim or self.vqvae.config.latent_channels)
+        images = self.vqvae.decode(tokens, force_not_quantize=True, shape=shape).sample.clamp(0, 1)
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+
+def check_prompt(prompt, name: str):
+    """`None`, a string, or a non-empty list of strings."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r:.80}")
+    if len(prompt) == 0:
+        raise ValueError(f"{name} is an empty list: pass at least one.")
+
+
+def check_components(transformer, scheduler, vqvae):
+    """The [MASK] id of the scheduler and the codebook of the VQ model must be the transformer's."""
+    if transformer is None or scheduler is None:
+        return
+    codebook_size = transformer.config.codebook_size
+    if scheduler.config.mask_token_id != codebook_size:
+        raise ValueError(
+            f"The scheduler's mask_token_id is {scheduler.config.mask_token_id} but the transformer's [MASK] id is its "
+            f"codebook_size, {codebook_size}: build the scheduler with mask_token_id={codebook_size}."
+        )
+    if vqvae is not None and vqvae.config.num_vq_embeddings != codebook_size:
+        raise ValueError(
+            f"The VQ model has {vqvae.config.num_vq_embeddings} codes but the transformer predicts {codebook_size}: "
+            "these components do not belong together."
+        )
+    if vqvae is not None and not vqvae.config.lookup_from_codebook:
+        raise ValueError("The VQ model must have lookup_from_codebook=True: the pipeline decodes token ids.")

@@ -66,10 +66,14 @@ def gumbel_noise(shape: Tuple[int, ...], generator: GeneratorType, device: torch
 
 
 def sample_categorical(log_probs: torch.Tensor, uniform: torch.Tensor) -> torch.LongTensor:
-    """Inverse-CDF draw from `softmax(log_probs)` over the last dim, one uniform number per distribution."""
+    """Inverse-CDF draw from `softmax(log_probs)` over the last dim, one uniform number per distribution.
+
+    Token `k` owns the half-open interval `[cdf[k-1], cdf[k])`, so a token of probability 0 (an empty interval) is
+    never drawn, not even for a uniform draw of exactly 0.
+    """
     cdf = log_probs.softmax(dim=-1).cumsum(dim=-1)  # (..., K)
     target = (uniform * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=log_probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=log_probs.shape[-1] - 1)
 
 
 class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
@@ -326,5 +330,5 @@ def _strategy_step_counts(lists: dict) -> set:
 
 
 def _check_non_negative(name, values):
-    if any(not isinstance(v, (int, float)) or v < 0 or math.isnan(v) for v in values):
-        raise ValueError(f"{name} must be non-negative numbers, got {values}.")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for v in values):
+        raise ValueError(f"{name} must be finite non-negative numbers, got {values}.")

@@ -1,0 +1,161 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""
+Convert the original ENAT checkpoints (github.com/LeapLabTHU/ENAT) to diffusers folders.
+
+    python conversion/convert_enat_to_diffusers.py --transformer-checkpoint nnet_ema.pth \\
+        --vqgan-checkpoint vqgan_jax_strongaug.ckpt --preset enat-l-256 --output-dir enat-l-256
+
+Writes `OUT/transformer`, `OUT/vqvae` (with a VQGAN checkpoint) and, with both, a complete `ENATPipeline` folder.
+Everything but the head count and the encoder/decoder split is read from the checkpoint shapes.
+
+`--overwrite` replaces an existing output folder only once the new one is complete (old folder renamed aside, new
+one moved in, old one deleted), and refuses an output folder that is, or contains, the current directory or an input
+checkpoint.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (
+    DTYPES,
+    PRESETS,
+    CheckpointError,
+    build_pipeline,
+    build_transformer,
+    build_vqvae,
+    load_original_checkpoint,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="convert_enat_to_diffusers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--transformer-checkpoint", required=True, help="original ENAT weights (e.g. nnet_ema.pth)")
+    parser.add_argument("--vqgan-checkpoint", help="original VQGAN weights (vqgan_jax_strongaug.ckpt)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT checkpoint")
+    parser.add_argument("--num-attention-heads", type=int, help="without --preset: attention heads")
+    parser.add_argument("--num-encoder-layers", type=int, help="without --preset: encoder blocks (the rest decode)")
+    parser.add_argument("--output-dir", required=True, help="folder to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (see above)")
+    args = parser.parse_args(argv)
+    custom = args.num_attention_heads is not None or args.num_encoder_layers is not None
+    if args.preset and custom:
+        parser.error("pass either --preset or --num-attention-heads/--num-encoder-layers, not both")
+    if not args.preset and (args.num_attention_heads is None or args.num_encoder_layers is None):
+        parser.error("pass --preset, or both --num-attention-heads and --num-encoder-layers")
+    if custom and args.num_attention_heads < 1:
+        parser.error(f"--num-attention-heads must be a positive integer, got {args.num_attention_heads}")
+    return args
+
+
+def check_output_dir(output_dir: Path, inputs, overwrite: bool):
+    """Refuses output folders whose replacement could destroy something the user did not ask to replace."""
+    target = output_dir.resolve()
+    if output_dir.exists() or output_dir.is_symlink():
+        if not overwrite:
+            raise CheckpointError(f"{output_dir} already exists; pass --overwrite to replace it")
+        if not output_dir.is_dir() or output_dir.is_symlink():
+            raise CheckpointError(f"{output_dir} exists and is not a folder; --overwrite only replaces folders")
+        cwd = Path.cwd().resolve()
+        if cwd == target or target in cwd.parents:
+            raise CheckpointError(f"--output-dir {output_dir} is or contains the current directory; refusing to replace it")
+        for path in inputs:
+            resolved = Path(path).resolve()
+            if target == resolved or target in resolved.parents:
+                raise CheckpointError(f"--output-dir {output_dir} contains the input {path}; refusing to replace it")
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise CheckpointError(f"cannot create {output_dir}: {parent} is a file, not a folder")
+    existing = next(p for p in [parent, *parent.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {output_dir}: {existing} is not writable")
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Turns SIGTERM into KeyboardInterrupt while saving, so that the staging folder is cleaned up as on Ctrl-C."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def write_atomically(output_dir: Path, save):
+    """Calls `save(staging_dir)`, then moves the result to `output_dir`; an existing folder is deleted only after the
+    new one is in place. Folders get the permissions of the user's umask."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    with sigterm_as_interrupt():
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        old = None
+        try:
+            os.chmod(staging, 0o777 & ~umask)
+            save(staging)
+            if output_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+                old.rmdir()
+                output_dir.rename(old)
+            staging.rename(output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None and not output_dir.exists():
+                old.rename(output_dir)  # put the previous folder back
+            raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    preset = PRESETS.get(args.preset, {})
+    heads = preset.get("num_attention_heads", args.num_attention_heads)
+    encoder_layers = preset.get("num_encoder_layers", args.num_encoder_layers)
+    inputs = [p for p in (args.transformer_checkpoint, args.vqgan_checkpoint) if p]
+
+    try:
+        check_output_dir(output_dir, inputs, args.overwrite)
+        transformer = build_transformer(load_original_checkpoint(args.transformer_checkpoint), heads, encoder_layers)
+        if preset and transformer.config.sample_size != preset["sample_size"]:
+            side = transformer.config.sample_size
+            raise CheckpointError(
+                f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
+                f"token grid, but the checkpoint has {side}x{side}"
+            )
+        vqvae = build_vqvae(load_original_checkpoint(args.vqgan_checkpoint)) if args.vqgan_checkpoint else None
+        pipeline = build_pipeline(transformer, vqvae, preset.get("scheduler", {})) if vqvae is not None else None
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+
+    for model in (transformer, vqvae):
+        if model is not None:
+            torch.nn.Module.to(model, DTYPES[args.dtype])
+
+    def save(folder: Path):
+        if pipeline is not None:
+            pipeline.save_pretrained(folder)
+        else:
+            transformer.save_pretrained(folder / "transformer")
+
+    try:
+        write_atomically(output_dir, save)
+    except OSError as error:
+        sys.exit(f"error: could not write {output_dir}: {error}")
+    written = "pipeline" if pipeline is not None else "transformer"
+    print(f"wrote the {written} ({transformer.num_parameters():,} transformer parameters) to {output_dir}")
