@@ -13,6 +13,7 @@ import torch
 from diffusers import VQModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -46,7 +47,15 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class ENATPipeline(DiffusionPipeline):
+class ENATLoraLoaderMixin(SanaLoraLoaderMixin):
+    r"""
+    `load_lora_weights`, `save_lora_weights`, `fuse_lora`, `unfuse_lora` for pipelines whose only LoRA-loadable
+    component is the `transformer` (diffusers' transformer-only LoRA loader; the adapters are PEFT adapters of
+    [`ENATTransformer2DModel`], targeting e.g. `to_q`, `to_k`, `to_v`, `to_out.0`, `add_k_proj`, `add_v_proj`).
+    """
+
+
+class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
     r"""
     Image generation with ENAT: start from an all-[MASK] token grid, predict every masked token, keep the most
     confident predictions, repeat; then decode the tokens with the VQ model.
