@@ -8,6 +8,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
+# A CPU build of torch: the plain package index serves CUDA builds (several GB of nvidia-* packages). This machine's
+# pip finds the CPU wheel below on local disk; elsewhere point pip at PyTorch's CPU wheel index, e.g.
+#     make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0+cpu
+TORCH_PIP_ARGS ?=
+
 TRANSFORMER_CKPT ?=
 VQGAN_CKPT ?=
 PRESET ?= enat-l-256
@@ -27,8 +33,9 @@ endif
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: an unpinned torch may pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
+	# only open_clip's BPE vocabulary file is used (offline CLIP tokenizer): without its dependencies (torchvision)
+	$(PY) -m pip install -q --no-deps open_clip_torch
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -352,7 +352,7 @@ def test_a_callback_may_re_mask_tokens_even_at_the_last_step():
     "returned, error, message",
     [
         ([1, 2], TypeError, "must return a dict"),
-        ({"latents": [[8] * 16] * 2}, TypeError, "integer torch.Tensor"),
+        ({"latents": [[8] * 16] * 2}, TypeError, "integer torch.Tensor of token ids"),
         ({"latents": torch.zeros(2, 15, dtype=torch.long)}, ValueError, "shape"),
         ({"latents": torch.full((2, 16), 9)}, ValueError, "outside"),
         ({"latents": torch.tensor([[8] * 16, [0] * 16])}, ValueError, "different numbers of \\[MASK\\]"),

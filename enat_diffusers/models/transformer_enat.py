@@ -454,6 +454,10 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
 
     def _check_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         side = self.config.sample_size
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.LongTensor of token ids, got {type(input_ids).__name__}.")
+        if input_ids.ndim > 0 and input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (batch_size 0).")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
         if input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side):
@@ -558,6 +562,12 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             raise ValueError(
                 f"reuse_state.hidden_states has shape {tuple(state.hidden_states.shape)}, but this input needs "
                 f"{expected}: the state must come from the same batch and model."
+            )
+        autocast = torch.is_autocast_enabled(state.hidden_states.device.type)
+        if state.hidden_states.dtype != self.dtype and not autocast:
+            raise ValueError(
+                f"reuse_state.hidden_states has dtype {state.hidden_states.dtype} but the model computes in "
+                f"{self.dtype}: the state must come from this model in its current dtype."
             )
         if tuple(state.mask.shape) != (batch_size, seq_len) or state.mask.dtype != torch.bool:
             raise ValueError(

@@ -146,7 +146,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
-        for text, ids in zip(texts, self.tokenizer(texts).input_ids):
+        for text, ids in zip(texts, self.tokenizer(texts, verbose=False).input_ids):
             if len(ids) > max_length:
                 words = text.split()
                 start = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
@@ -423,7 +423,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                             "callback_on_step_end must return a dict (e.g. {'latents': ids}) or None, got "
                             f"{type(callback_outputs).__name__}."
                         )
-                    new_latents = self._check_callback_latents((callback_outputs or {}).get("latents", latents), latents)
+                    new_latents = self._check_token_ids(
+                        (callback_outputs or {}).get("latents", latents), latents, "`latents` from callback_on_step_end"
+                    )
                     if reuse_state is not None:
                         encoded = ~reuse_state.mask[: latents.shape[0]]  # tokens the state holds features of
                         if (encoded & (new_latents != latents)).any():
@@ -438,27 +440,22 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             latents, _, _ = run_step(len(timesteps) - 1, timesteps[-1], latents, reuse_state)
         return latents
 
-    def _check_callback_latents(self, new_latents, latents) -> torch.LongTensor:
+    def _check_token_ids(self, new_latents, latents, what: str) -> torch.LongTensor:
+        """`new_latents` as `(B, L)` ids like `latents`, or a clear error; `what` names them in the message."""
         if not isinstance(new_latents, torch.Tensor) or new_latents.dtype not in (torch.int64, torch.int32):
-            raise TypeError(
-                f"callback_on_step_end returned `latents` of type {type(new_latents).__name__}"
-                f"{'' if not isinstance(new_latents, torch.Tensor) else ' ' + str(new_latents.dtype)}; "
-                "it must be an integer torch.Tensor of token ids."
-            )
+            found = type(new_latents).__name__ if not isinstance(new_latents, torch.Tensor) else str(new_latents.dtype)
+            raise TypeError(f"{what} must be an integer torch.Tensor of token ids, got {found}.")
         if new_latents.numel() != latents.numel() or new_latents.shape[0] != latents.shape[0]:
-            raise ValueError(
-                f"callback_on_step_end returned `latents` of shape {tuple(new_latents.shape)}; expected "
-                f"{tuple(latents.shape)} (or the grid shape)."
-            )
+            raise ValueError(f"{what} has shape {tuple(new_latents.shape)}; expected {tuple(latents.shape)} (or the grid shape).")
         new_latents = new_latents.to(device=latents.device, dtype=torch.long).reshape(latents.shape)
         mask_token_id = self.transformer.mask_token_id
         if ((new_latents < 0) | (new_latents > mask_token_id)).any():
-            raise ValueError(f"callback_on_step_end returned ids outside [0, {mask_token_id}] ([MASK] = {mask_token_id}).")
+            raise ValueError(f"{what} has ids outside [0, {mask_token_id}] ([MASK] = {mask_token_id}).")
         num_masked = (new_latents == mask_token_id).sum(1)
         if (num_masked != num_masked[0]).any():
             raise ValueError(
-                "callback_on_step_end returned `latents` with different numbers of [MASK] tokens per image "
-                f"({num_masked.tolist()}); ENAT needs the same number in every image."
+                f"{what} has different numbers of [MASK] tokens per image ({num_masked.tolist()}); ENAT needs the "
+                "same number in every image."
             )
         return new_latents
 
@@ -644,10 +641,12 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
     def _check_start_latents(self, latents, batch_size) -> torch.LongTensor:
         side = self.transformer.config.sample_size
         if not isinstance(latents, torch.Tensor) or latents.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"latents must be an integer torch.Tensor of token ids, got {type(latents).__name__}.")
+            found = type(latents).__name__ if not isinstance(latents, torch.Tensor) else str(latents.dtype)
+            raise TypeError(f"latents must be an integer torch.Tensor of token ids, got {found}.")
         if tuple(latents.shape) != (batch_size, side, side):
             raise ValueError(f"latents must have shape {(batch_size, side, side)}, got {tuple(latents.shape)}.")
-        return self._check_callback_latents(latents, latents.reshape(batch_size, side * side)).to(self._execution_device)
+        reference = torch.empty(batch_size, side * side, dtype=torch.long, device=self._execution_device)
+        return self._check_token_ids(latents, reference, "latents")
 
     def decode_tokens(self, tokens: torch.LongTensor, output_type: str = "pil"):
         """`(B, h, w)` token ids -> images of `output_type` (`"latent"` returns the ids)."""
