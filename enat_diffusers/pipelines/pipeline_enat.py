@@ -77,7 +77,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components = ["text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
     def __init__(
         self,
@@ -415,7 +415,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 reuse_state = state if reuse_features else None
 
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents}
+                    tensors = {"latents": latents, "pred_original_sample": predicted}
                     callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     if callback_outputs is not None and not isinstance(callback_outputs, dict):
