@@ -13,6 +13,8 @@ from .models.transformer_enat import (
     ENATTransformer2DModelOutput,
 )
 from .pipelines.pipeline_enat import ENATPipeline
+from .pipelines.pipeline_enat_img2img import ENATImg2ImgPipeline
+from .pipelines.pipeline_enat_inpaint import ENATInpaintPipeline, box_mask, edit_mask_counts, outpaint_inputs
 from .schedulers.scheduling_masked_token import MaskedTokenScheduler, MaskedTokenSchedulerOutput
 
 
@@ -28,3 +30,4 @@ __all__ = [
     "MaskedTokenSchedulerOutput",
     "build_clip_tokenizer",
 ]
+__all__ += ["ENATImg2ImgPipeline", "ENATInpaintPipeline", "box_mask", "edit_mask_counts", "outpaint_inputs"]
