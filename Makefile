@@ -14,21 +14,33 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
 
+# `make demo` generates with the text-to-image model that ships in pretrained/enat-shapes (trained here by
+# `make train-demo`). With the released ImageNet checkpoints it converts them first (again whenever they change):
+#     make demo TRANSFORMER_CKPT=nnet_ema.pth VQGAN_CKPT=vqgan_jax_strongaug.ckpt [PRESET=enat-l-256]
 TRANSFORMER_CKPT ?=
 VQGAN_CKPT ?=
 PRESET ?= enat-l-256
 ifeq ($(TRANSFORMER_CKPT),)
-DEMO_MODEL := outputs/enat-tiny-random
-DEMO_CONVERT := --transformer-checkpoint tests/fixtures/enat_tiny.pth --vqgan-checkpoint tests/fixtures/vqgan_tiny.ckpt \
-	--num-attention-heads 4 --num-encoder-layers 3
-DEMO_CONDITION := --class-labels 1 4 9
+DEMO_MODEL := pretrained/enat-shapes
+DEMO_CONDITION := --prompt "a large red circle on the left and a small blue square on the right" \
+	"a small yellow triangle at the top and a large green circle at the bottom" \
+	"a large purple square in the centre" "a small blue circle at the top" \
+	"a large purple triangle on the left and a small red circle on the right" \
+	"a large green square at the bottom"
 else
-DEMO_MODEL := outputs/$(PRESET)
-DEMO_CONVERT := --transformer-checkpoint $(TRANSFORMER_CKPT) --vqgan-checkpoint $(VQGAN_CKPT) --preset $(PRESET)
+DEMO_MODEL := outputs/converted/$(notdir $(TRANSFORMER_CKPT))-$(PRESET)
 DEMO_CONDITION := --prompt "golden retriever" "tabby" "volcano" "red fox"
 endif
 
-.PHONY: test demo style quality
+# `make train-demo`: data -> VQ model -> CLIP text encoder -> ENAT -> ShapesEval, into $(TRAIN_DIR). Every stage
+# resumes from its last checkpoint when interrupted; a finished stage is skipped. Copy the result over the shipped
+# model with `make install-demo-model`.
+TRAIN_DIR ?= outputs/train-demo
+ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no
+SHAPES_TRAIN := $(TRAIN_DIR)/data/train
+SHAPES_VAL := $(TRAIN_DIR)/data/validation
+
+.PHONY: test demo train-demo install-demo-model space bench style quality
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,16 +51,56 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+# Tests use one thread per process: the tiny test models run faster so, and never oversubscribe a shared machine.
+test: $(VENV)/.space-installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
-demo: $(VENV)/.installed
-	test -d $(DEMO_MODEL) || $(PY) conversion/convert_enat_to_diffusers.py $(DEMO_CONVERT) --output-dir $(DEMO_MODEL)
+demo: $(VENV)/.installed $(DEMO_MODEL)/model_index.json
 	$(PY) examples/generate.py --model $(DEMO_MODEL) $(DEMO_CONDITION) --output-dir outputs/demo --overwrite
-ifeq ($(TRANSFORMER_CKPT),)
-	@echo "note: this ran the whole pipeline on a tiny random-weight model (no trained model ships with the repo);"
-	@echo "      pass TRANSFORMER_CKPT=... VQGAN_CKPT=... to generate with the released ENAT-L weights."
-endif
+
+outputs/converted/%/model_index.json: $(TRANSFORMER_CKPT) $(VQGAN_CKPT) | $(VENV)/.installed
+	$(PY) conversion/convert_enat_to_diffusers.py --transformer-checkpoint $(TRANSFORMER_CKPT) \
+		--vqgan-checkpoint $(VQGAN_CKPT) --preset $(PRESET) --output-dir outputs/converted/$* --overwrite
+
+train-demo: $(TRAIN_DIR)/enat-shapes/shapes_eval.json
+	@echo "trained pipeline: $(TRAIN_DIR)/enat-shapes (ShapesEval: $<); ship it with: make install-demo-model"
+
+$(SHAPES_TRAIN)/metadata.jsonl: | $(VENV)/.installed
+	$(PY) -m enat_diffusers.data.shapes --output-dir $(TRAIN_DIR)/data --num-train 30000 --num-val 1000 --seed 0 --overwrite
+
+$(TRAIN_DIR)/vqgan/vqvae/config.json: $(SHAPES_TRAIN)/metadata.jsonl
+	$(ACCELERATE) examples/train_vqgan.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
+		--output_dir $(TRAIN_DIR)/vqgan --resolution 64 --block_out_channels 16 32 64 --layers_per_block 1 \
+		--norm_num_groups 8 --latent_channels 16 --vq_embed_dim 16 --num_vq_embeddings 256 --train_batch_size 16 \
+		--max_train_steps 700 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
+		--codebook_restart_steps 25 --checkpointing_steps 100 --seed 0 --resume_from_checkpoint latest
+
+$(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
+	$(ACCELERATE) examples/train_text_encoder.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
+		--output_dir $(TRAIN_DIR)/clip --max_length 32 --text_hidden_size 64 --text_num_layers 2 --text_num_heads 4 \
+		--projection_dim 64 --vision_hidden_size 64 --vision_num_layers 2 --vision_num_heads 4 --resolution 64 \
+		--patch_size 8 --train_batch_size 128 --max_train_steps 3000 --learning_rate 2e-3 --lr_warmup_steps 100 \
+		--checkpointing_steps 1000 --seed 0 --resume_from_checkpoint latest
+
+$(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json
+	$(ACCELERATE) examples/train_enat.py $(ENAT_SHAPES_ARGS) --resume_from_checkpoint latest
+
+$(TRAIN_DIR)/enat-shapes/shapes_eval.json: $(TRAIN_DIR)/enat-shapes/model_index.json
+	$(PY) -m enat_diffusers.evaluation.shapes --model $(TRAIN_DIR)/enat-shapes --num-prompts 500 --steps 8 --json > $@.tmp
+	mv $@.tmp $@
+
+install-demo-model: $(TRAIN_DIR)/enat-shapes/shapes_eval.json
+	$(PY) examples/shapes/install_model.py $(TRAIN_DIR)/enat-shapes pretrained/enat-shapes
+
+# The demo's requirements stay apart from the package's (gradio pins pillow<13); the browser test drives Debian's
+# chromium when it is installed (`apt-get install chromium`; .ci/run does it), and is skipped otherwise.
+SPACE_PORT ?= 7860
+$(VENV)/.space-installed: $(VENV)/.installed examples/spaces/requirements.txt
+	$(PY) -m pip install -q -r examples/spaces/requirements.txt playwright==1.65.2
+	touch $@
+
+space: $(VENV)/.space-installed
+	$(PY) examples/spaces/app.py --host 127.0.0.1 --port $(SPACE_PORT)
 
 style: $(VENV)/.installed
 	$(PY) -m pip install -q ruff
