@@ -39,6 +39,13 @@ TRAIN_DIR ?= outputs/train-demo
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no
 SHAPES_TRAIN := $(TRAIN_DIR)/data/train
 SHAPES_VAL := $(TRAIN_DIR)/data/validation
+ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder_name_or_path $(TRAIN_DIR)/clip \
+	--transformer_config examples/shapes/transformer_config.json --train_data_dir $(SHAPES_TRAIN) --no_random_flip \
+	--output_dir $(TRAIN_DIR)/enat-shapes --train_batch_size 64 --max_train_steps 900 --learning_rate 1e-3 \
+	--lr_warmup_steps 100 --ema_decay 0.995 --checkpointing_steps 100 --checkpoints_total_limit 2 \
+	--validation_steps 300 --seed 0 --report_to tensorboard --validation_prompts \
+	"a large red circle on the left and a small blue square on the right" "a small yellow triangle at the top" \
+	"a large purple triangle in the centre" "a small green square at the bottom and a large blue circle at the top"
 
 .PHONY: test demo train-demo install-demo-model space bench style quality
 
@@ -70,17 +77,18 @@ $(SHAPES_TRAIN)/metadata.jsonl: | $(VENV)/.installed
 
 $(TRAIN_DIR)/vqgan/vqvae/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 	$(ACCELERATE) examples/train_vqgan.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
-		--output_dir $(TRAIN_DIR)/vqgan --resolution 64 --block_out_channels 16 32 64 --layers_per_block 1 \
+		--output_dir $(TRAIN_DIR)/vqgan --resolution 64 --block_out_channels 16 32 32 --layers_per_block 1 \
 		--norm_num_groups 8 --latent_channels 16 --vq_embed_dim 16 --num_vq_embeddings 256 --train_batch_size 16 \
-		--max_train_steps 700 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
-		--codebook_restart_steps 25 --checkpointing_steps 100 --seed 0 --resume_from_checkpoint latest
+		--max_train_steps 1500 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
+		--quantizer_warmup_steps 150 --codebook_restart_steps 25 --checkpointing_steps 250 --seed 0 \
+		--resume_from_checkpoint latest
 
 $(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 	$(ACCELERATE) examples/train_text_encoder.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
 		--output_dir $(TRAIN_DIR)/clip --max_length 32 --text_hidden_size 64 --text_num_layers 2 --text_num_heads 4 \
 		--projection_dim 64 --vision_hidden_size 64 --vision_num_layers 2 --vision_num_heads 4 --resolution 64 \
-		--patch_size 8 --train_batch_size 128 --max_train_steps 3000 --learning_rate 2e-3 --lr_warmup_steps 100 \
-		--checkpointing_steps 1000 --seed 0 --resume_from_checkpoint latest
+		--patch_size 8 --train_batch_size 128 --max_train_steps 1000 --learning_rate 2e-3 --lr_warmup_steps 100 \
+		--hard_negative_weight 1.0 --checkpointing_steps 250 --seed 0 --resume_from_checkpoint latest
 
 $(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json
 	$(ACCELERATE) examples/train_enat.py $(ENAT_SHAPES_ARGS) --resume_from_checkpoint latest
@@ -89,8 +97,12 @@ $(TRAIN_DIR)/enat-shapes/shapes_eval.json: $(TRAIN_DIR)/enat-shapes/model_index.
 	$(PY) -m enat_diffusers.evaluation.shapes --model $(TRAIN_DIR)/enat-shapes --num-prompts 500 --steps 8 --json > $@.tmp
 	mv $@.tmp $@
 
+# Re-saves the trained pipeline (its model files only: no checkpoints or logs) as pretrained/enat-shapes.
 install-demo-model: $(TRAIN_DIR)/enat-shapes/shapes_eval.json
-	$(PY) examples/shapes/install_model.py $(TRAIN_DIR)/enat-shapes pretrained/enat-shapes
+	@test ! -e pretrained/enat-shapes/model_index.json -o "$(FORCE)" = 1 || \
+		(echo "pretrained/enat-shapes exists; pass FORCE=1 to replace its model files" && false)
+	$(PY) -c "from enat_diffusers import ENATPipeline; \
+		ENATPipeline.from_pretrained('$(TRAIN_DIR)/enat-shapes').save_pretrained('pretrained/enat-shapes')"
 
 # The demo's requirements stay apart from the package's (gradio pins pillow<13); the browser test drives Debian's
 # chromium when it is installed (`apt-get install chromium`; .ci/run does it), and is skipped otherwise.

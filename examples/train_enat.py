@@ -1,0 +1,1241 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Train or fine-tune an ENAT transformer (class-conditional or text-to-image) with accelerate.
+
+The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
+
+- images are tokenised once by the pipeline's VQ model, each with its horizontal flip (`--no_random_flip` turns the
+  flips off: do that when captions name left and right), and the token ids are cached on disk;
+- one mask ratio per batch from Beta(12, 3) (`MaskedTokenScheduler.add_noise`), cross-entropy on the masked
+  positions only with label smoothing 0.1, condition dropout p = 0.15 (null class / empty prompt) for guidance;
+- AdamW (lr 4e-4, weight decay 0.03, betas (0.99, 0.99)) with a linear warm-up, an EMA of the weights;
+- reuse training: with probability 0.5 the EMA model first runs (without gradients) on the input with a random
+  fraction of its visible tokens masked as well, and the training forward takes that output's `reuse_state`, so the
+  model learns to use the previous step's features as sampling will feed them.
+
+Data layouts (`--train_data_dir`):
+
+- class-conditional: one sub-folder of images per class (torchvision `ImageFolder`; classes in sorted order);
+- text-to-image, Hugging Face `imagefolder`: `metadata.jsonl` lines `{"file_name": ..., "text": ...}`;
+- text-to-image, MS-COCO: `--coco_annotations_file captions_train2017.json --train_data_dir train2017/`.
+  An image with several captions is one sample whose caption is drawn at random each time, so every caption is used.
+
+The output folder ends as a complete pipeline (`ENATPipeline.from_pretrained(output_dir)`, EMA weights), next to
+`checkpoint-*/`, `train_log.csv`, `loss_curve.png`, `validation/` grids and the TensorBoard logs.
+
+A new text-to-image model on the Shapes data set, from a trained VQ model and text encoder:
+
+    accelerate launch examples/train_enat.py \\
+        --vqvae_name_or_path vqgan-shapes --text_encoder_name_or_path clip-shapes \\
+        --transformer_config shapes_transformer.json --train_data_dir shapes/train --no_random_flip \\
+        --output_dir enat-shapes --train_batch_size 64 --max_train_steps 2000 --lr_warmup_steps 100 \\
+        --ema_decay 0.999 --validation_prompts "a small red circle on the left" --validation_steps 500
+
+Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
+"""
+
+import argparse
+import copy
+import csv
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
+from diffusers import VQModel
+from diffusers.optimization import SchedulerType, get_scheduler
+from huggingface_hub import file_exists
+from PIL import Image, ImageOps
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from enat_diffusers import ENATPipeline, ENATReuseState, ENATTransformer2DModel, MaskedTokenScheduler
+from enat_diffusers.visualization import captioned_grid
+
+
+logger = get_logger(__name__, log_level="INFO")
+
+DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # the paper's MS-COCO text encoder
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+METADATA_FILE = "metadata.jsonl"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+LOG_FIELDS = ("step", "loss", "learning_rate", "mask_ratio", "reuse_fraction", "tokens_per_second", "seconds")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # models
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help=(
+            "A pipeline folder or Hub repo id. Its `vqvae/`, `scheduler/`, `text_encoder/` and `tokenizer/` are used "
+            "when present, and its `transformer/` is fine-tuned unless --transformer_config is given."
+        ),
+    )
+    parser.add_argument("--revision", type=str, default=None, help="Revision of Hub repos.")
+    parser.add_argument(
+        "--transformer_config",
+        type=str,
+        default=None,
+        help="JSON file with the ENATTransformer2DModel config of a new model, trained from scratch.",
+    )
+    parser.add_argument(
+        "--vqvae_name_or_path",
+        type=str,
+        default=None,
+        help="A VQModel folder or repo (or one with a `vqvae/` sub-folder); overrides the pretrained pipeline's.",
+    )
+    parser.add_argument(
+        "--text_encoder_name_or_path",
+        type=str,
+        default=None,
+        help=(
+            "A CLIP text encoder and its tokenizer (a folder or repo holding both, or one with `text_encoder/` and "
+            "`tokenizer/` sub-folders); overrides the pretrained pipeline's. New text-to-image models default to "
+            f"{DEFAULT_TEXT_ENCODER}."
+        ),
+    )
+    # data
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        required=True,
+        help="Class sub-folders (class-conditional), or images with a metadata.jsonl, or the COCO image folder.",
+    )
+    parser.add_argument(
+        "--coco_annotations_file",
+        type=str,
+        default=None,
+        help="MS-COCO captions JSON (e.g. captions_train2017.json) whose images are in --train_data_dir.",
+    )
+    parser.add_argument("--caption_column", type=str, default="text", help="Caption key of metadata.jsonl lines.")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Training resolution; defaults to the transformer's grid side times the VQ downsampling factor.",
+    )
+    parser.add_argument(
+        "--no_random_flip",
+        action="store_true",
+        help="Do not use horizontally flipped images (ENAT flips); needed when captions name left and right.",
+    )
+    parser.add_argument(
+        "--token_cache_dir",
+        type=str,
+        default=None,
+        help="Where the VQ token ids are cached (default: OUTPUT_DIR/token_cache); reused when nothing changed.",
+    )
+    parser.add_argument(
+        "--text_embedding_cache_gb",
+        type=float,
+        default=4.0,
+        help=(
+            "Precompute the text encoder outputs of every distinct caption when they fit in this many GB of memory; "
+            "otherwise captions are encoded batch by batch. 0 always encodes batch by batch."
+        ),
+    )
+    parser.add_argument(
+        "--encode_batch_size", type=int, default=64, help="Batch size of the VQ and text encoding passes."
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Processes that decode images for the tokenisation pass (training itself reads cached token ids).",
+    )
+    # ENAT's recipe
+    parser.add_argument(
+        "--cond_dropout_prob", type=float, default=0.15, help="Probability to train a sample unconditionally."
+    )
+    parser.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of the cross-entropy.")
+    parser.add_argument(
+        "--reuse_prob", type=float, default=0.5, help="Probability that a batch is trained with a reuse state."
+    )
+    parser.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.9999,
+        help="EMA decay per optimiser step (ENAT: 0.9999 over 500k steps); use e.g. 0.999 for a few thousand steps.",
+    )
+    # optimisation
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
+    parser.add_argument("--max_train_steps", type=int, required=True, help="Number of optimiser steps.")
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute block activations in the backward pass: less memory, slower.",
+    )
+    parser.add_argument("--learning_rate", type=float, default=4e-4, help="Peak learning rate.")
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        choices=[s.value for s in SchedulerType],
+        help="Learning rate schedule (ENAT: linear warm-up, then constant).",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=5000, help="Linear warm-up steps (ENAT: 5000).")
+    parser.add_argument("--adam_beta1", type=float, default=0.99, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=0.03, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (ENAT: none).")
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Autocast precision; defaults to the accelerate config. Weights, EMA and optimiser stay float32.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, data order and masking.")
+    # output, logging, checkpoints, validation
+    parser.add_argument("--output_dir", type=str, required=True, help="Where everything is written.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder inside --output_dir.")
+    parser.add_argument(
+        "--report_to", type=str, default="tensorboard", help='Tracker for accelerate ("tensorboard", ..., "none").'
+    )
+    parser.add_argument("--logging_steps", type=int, default=10, help="Steps averaged per log line and CSV row.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
+    parser.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint folder, or "latest" for the newest `checkpoint-*` in --output_dir.',
+    )
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        nargs="*",
+        default=None,
+        help="Prompts (text-to-image), or class ids or names (class-conditional), generated at each validation.",
+    )
+    parser.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
+    parser.add_argument("--num_validation_images", type=int, default=2, help="Images per validation prompt.")
+    parser.add_argument(
+        "--validation_num_inference_steps", type=int, default=None, help="Decoding steps (default: the pipeline's)."
+    )
+    parser.add_argument(
+        "--validation_guidance_scale", type=float, default=None, help="Guidance scale (default: the scheduler's)."
+    )
+
+    args = parser.parse_args(input_args)
+
+    if args.pretrained_model_name_or_path is None and args.vqvae_name_or_path is None:
+        raise ValueError("Pass --pretrained_model_name_or_path or --vqvae_name_or_path: training needs a VQ model.")
+    if args.pretrained_model_name_or_path is None and args.transformer_config is None:
+        raise ValueError("Pass --transformer_config (a new model) or --pretrained_model_name_or_path (fine-tuning).")
+    if args.transformer_config is not None and not Path(args.transformer_config).is_file():
+        raise ValueError(f"--transformer_config {args.transformer_config} is not a file.")
+    if not Path(args.train_data_dir).is_dir():
+        raise ValueError(f"--train_data_dir {args.train_data_dir} is not a folder.")
+    if args.coco_annotations_file is not None and not Path(args.coco_annotations_file).is_file():
+        raise ValueError(f"--coco_annotations_file {args.coco_annotations_file} is not a file.")
+    for name in ("cond_dropout_prob", "reuse_prob", "label_smoothing", "ema_decay"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
+    positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "encode_batch_size"]
+    positive += ["logging_steps", "checkpointing_steps", "validation_steps", "num_validation_images"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainingData:
+    """The training images (paths relative to `root`, posix style) and their class ids or captions."""
+
+    root: Path
+    layout: str
+    files: List[str]
+    labels: Optional[List[int]] = None
+    class_names: Optional[List[str]] = None
+    captions: Optional[List[List[str]]] = None
+
+    def subset(self, keep: List[int]) -> "TrainingData":
+        return TrainingData(
+            root=self.root,
+            layout=self.layout,
+            files=[self.files[i] for i in keep],
+            labels=None if self.labels is None else [self.labels[i] for i in keep],
+            class_names=self.class_names,
+            captions=None if self.captions is None else [self.captions[i] for i in keep],
+        )
+
+
+def find_images(root: Path) -> List[str]:
+    """Image files under `root` (recursive, following links), as sorted posix paths relative to `root`."""
+    found = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((Path(folder) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _examples(items, limit=5) -> str:
+    items = list(items)
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _check_caption(text, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} has no caption (a non-empty string); every image needs one.")
+    return text
+
+
+def read_class_folders(root: Path) -> TrainingData:
+    """torchvision `ImageFolder` layout: `root/<class name>/**/<image>`; class ids follow the sorted names."""
+    class_names = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not class_names:
+        raise ValueError(
+            f"{root} has images but no class sub-folders: a class-conditional model needs one folder of images per "
+            "class (a text-to-image model's transformer config has `text_embed_dim` instead of `num_classes`)."
+        )
+    files, labels, empty = [], [], []
+    for label, name in enumerate(class_names):
+        found = find_images(root / name)
+        empty += [] if found else [name]
+        files += [f"{name}/{file}" for file in found]
+        labels += [label] * len(found)
+    if empty:
+        raise ValueError(f"These class folders of {root} hold no images: {_examples(empty)}.")
+    return TrainingData(root, "class folders", files, labels=labels, class_names=class_names)
+
+
+def read_imagefolder_captions(root: Path, caption_column: str) -> TrainingData:
+    """Hugging Face `imagefolder` layout: `root/metadata.jsonl` lines `{"file_name": ..., caption_column: ...}`."""
+    metadata = root / METADATA_FILE
+    captions = {}
+    with open(metadata, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{metadata} line {number} is not JSON: {error}") from None
+            file_name = record.get("file_name") if isinstance(record, dict) else None
+            if not isinstance(file_name, str):
+                raise ValueError(f"{metadata} line {number} has no `file_name`.")
+            where = f"{metadata} line {number} ({file_name!r}, column {caption_column!r})"
+            text = _check_caption(record.get(caption_column), where)
+            captions.setdefault(Path(file_name).as_posix(), []).append(text)
+    on_disk = set(find_images(root))
+    missing = [file for file in captions if file not in on_disk]
+    if missing:
+        raise ValueError(f"{metadata} names {len(missing)} images that are not in {root}: {_examples(missing)}.")
+    uncaptioned = sorted(on_disk.difference(captions))
+    if uncaptioned:
+        raise ValueError(
+            f"{len(uncaptioned)} images in {root} have no caption in {METADATA_FILE}: {_examples(uncaptioned)}."
+        )
+    return TrainingData(root, METADATA_FILE, list(captions), captions=list(captions.values()))
+
+
+def read_coco_captions(root: Path, annotations_file: Path) -> TrainingData:
+    """MS-COCO captions: `images` (id, file_name in `root`), `annotations` (image_id, caption); all captions kept."""
+    with open(annotations_file, encoding="utf-8") as file:
+        data = json.load(file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or "annotations" not in data:
+        raise ValueError(f"{annotations_file} is not an MS-COCO captions file (no `images` and `annotations` lists).")
+    files = {image["id"]: Path(image["file_name"]).as_posix() for image in data["images"]}
+    captions = {image_id: [] for image_id in files}
+    for annotation in data["annotations"]:
+        if annotation.get("image_id") not in captions:
+            raise ValueError(
+                f"{annotations_file}: annotation {annotation.get('id')} refers to image id "
+                f"{annotation.get('image_id')}, which is not in `images`."
+            )
+        where = f"{annotations_file}: annotation {annotation.get('id')}"
+        captions[annotation["image_id"]].append(_check_caption(annotation.get("caption"), where))
+    missing = [file for file in files.values() if not (root / file).is_file()]
+    if missing:
+        raise ValueError(
+            f"{annotations_file} names {len(missing)} images that are not in {root}: {_examples(missing)}."
+        )
+    uncaptioned = [files[image_id] for image_id, texts in captions.items() if not texts]
+    if uncaptioned:
+        raise ValueError(f"{len(uncaptioned)} images of {annotations_file} have no caption: {_examples(uncaptioned)}.")
+    return TrainingData(root, "MS-COCO captions", list(files.values()), captions=list(captions.values()))
+
+
+def assign_class_ids(data: TrainingData, id2label: Optional[dict], num_classes: int) -> dict:
+    """
+    Sets the class ids of `data.labels` and returns the pipeline's class names. When every folder is named after a
+    class of the pretrained pipeline (its `id2label`, case-insensitive), it trains that class; otherwise folder `i` in
+    sorted order is class `i`, and that class takes the folder's name.
+    """
+    if len(data.class_names) > num_classes:
+        raise ValueError(
+            f"{data.root} has {len(data.class_names)} class folders but the transformer has num_classes={num_classes}."
+        )
+    pretrained = {int(label): name for label, name in (id2label or {}).items()}  # JSON keys are strings
+    by_name = {name.strip().lower(): label for label, name in pretrained.items()}
+    if pretrained and all(folder.lower() in by_name for folder in data.class_names):
+        data.labels = [by_name[data.class_names[label].lower()] for label in data.labels]
+        return pretrained
+    if pretrained:
+        renamed = [f"{label} {pretrained.get(label)!r} -> {name!r}" for label, name in enumerate(data.class_names)]
+        logger.warning(
+            "The class folders are not named after classes of the pretrained model: folder i (in sorted order) "
+            f"trains class i, renamed: {_examples(renamed)}."
+        )
+    return {**pretrained, **dict(enumerate(data.class_names))}
+
+
+def read_training_data(args, text_to_image: bool) -> TrainingData:
+    root = Path(args.train_data_dir)
+    if not find_images(root):
+        raise ValueError(
+            f"No images in --train_data_dir {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    if args.coco_annotations_file is not None:
+        if not text_to_image:
+            raise ValueError("--coco_annotations_file gives captions, but the transformer is class-conditional.")
+        return read_coco_captions(root, Path(args.coco_annotations_file))
+    if text_to_image:
+        if not (root / METADATA_FILE).is_file():
+            raise ValueError(
+                f"The images in {root} have no captions: a text-to-image model needs {root / METADATA_FILE} "
+                "(Hugging Face imagefolder layout) or --coco_annotations_file."
+            )
+        return read_imagefolder_captions(root, args.caption_column)
+    return read_class_folders(root)
+
+
+# ------------------------------------------------------------------------------------------------- tokenisation
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """RGB in [0, 1], shape (3, resolution, resolution): short side resized to `resolution`, centre crop (ADM's)."""
+    with Image.open(path) as file:
+        image = ImageOps.exif_transpose(file).convert("RGB")
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    size = tuple(max(resolution, round(side * scale)) for side in image.size)
+    if size != image.size:
+        image = image.resize(size, resample=Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+class ImageFiles(Dataset):
+    """`(index, image tensor)`, or `(index, error message)` for a file that cannot be read as an image."""
+
+    def __init__(self, root: Path, files: List[str], indices: List[int], resolution: int):
+        self.root, self.files, self.indices, self.resolution = root, files, indices, resolution
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        index = self.indices[position]
+        try:
+            return index, load_image(self.root / self.files[index], self.resolution)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            return index, f"{type(error).__name__}: {error}"
+
+
+def vq_token_ids(vqvae: VQModel, pixels: torch.Tensor) -> torch.LongTensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, h * w) codebook ids in raster order."""
+    latents = vqvae.encode(pixels).latents
+    _, _, (_, _, indices) = vqvae.quantize(latents)
+    return indices.reshape(pixels.shape[0], -1)
+
+
+@torch.no_grad()
+def encode_images(vqvae, data: TrainingData, indices, resolution, flip, args, show_progress):
+    """uint16 token ids `(n, views, L)` of the readable images among `indices`, their indices, unreadable files."""
+    loader = DataLoader(
+        ImageFiles(data.root, data.files, indices, resolution),
+        batch_size=args.encode_batch_size,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=list,
+    )
+    num_views, seq_len = 2 if flip else 1, vqvae_grid(vqvae, resolution) ** 2
+    kept, tokens, skipped = [], [np.zeros((0, num_views, seq_len), dtype=np.uint16)], []
+    for batch in tqdm(loader, desc="Tokenising images", disable=not show_progress):
+        images = []
+        for index, item in batch:
+            if isinstance(item, str):
+                path = data.root / data.files[index]
+                logger.warning(f"Skipping {path}: it cannot be read ({item}).", main_process_only=False)
+                skipped.append(data.files[index])
+            else:
+                kept.append(index)
+                images.append(item)
+        if not images:
+            continue
+        pixels = torch.stack(images).to(vqvae.device, vqvae.dtype)
+        views = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
+        ids = vq_token_ids(vqvae, views).reshape(num_views, len(images), seq_len).transpose(0, 1)
+        tokens.append(ids.cpu().numpy().astype(np.uint16))  # check_compatibility: at most 2**16 codes
+    return kept, np.concatenate(tokens), skipped
+
+
+def _tensor_digest(module: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def token_cache_key(data: TrainingData, vqvae: VQModel, resolution: int, flip: bool) -> str:
+    """Changes whenever the tokens would: the image files (path, size, mtime), the VQ model, resolution, flips."""
+    stats = [(file, (data.root / file).stat()) for file in data.files]
+    content = {
+        "format": 1,
+        "files": [(file, stat.st_size, stat.st_mtime_ns) for file, stat in stats],
+        "resolution": resolution,
+        "flip": flip,
+        "vqvae_config": {key: value for key, value in vqvae.config.items() if not key.startswith("_")},
+        "vqvae_weights": _tensor_digest(vqvae),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_or_extract_tokens(accelerator, data: TrainingData, vqvae, resolution, flip, cache_dir: Path, args):
+    """
+    Token ids of every readable image, `(N, views, L)` int32 on the CPU, and the data restricted to those images.
+
+    The ids are cached as `tokens-<key>.npy` (uint16) with a `.json` description in `cache_dir`; a later run with the
+    same images, VQ model, resolution and flips reads them back. Extraction is shared by all processes (each encodes a
+    contiguous shard); the main process writes the cache.
+    """
+    key = token_cache_key(data, vqvae, resolution, flip)
+    tokens_path, meta_path = cache_dir / f"tokens-{key[:16]}.npy", cache_dir / f"tokens-{key[:16]}.json"
+    hit = tokens_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
+    if all(gather_object([hit])):
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(tokens_path)
+        logger.info(f"Read the token ids of {len(tokens)} images from {tokens_path}.")
+    else:
+        num_images, rank, world = len(data.files), accelerator.process_index, accelerator.num_processes
+        shard = list(range(rank * num_images // world, (rank + 1) * num_images // world))
+        result = encode_images(vqvae, data, shard, resolution, flip, args, accelerator.is_local_main_process)
+        shards = gather_object([result])
+        kept = [index for shard_kept, _, _ in shards for index in shard_kept]
+        tokens = np.concatenate([shard_tokens for _, shard_tokens, _ in shards])
+        skipped = [file for _, _, shard_skipped in shards for file in shard_skipped]
+        meta = {"key": key, "files": [data.files[index] for index in kept], "skipped": skipped, "flip": flip}
+        if accelerator.is_main_process:
+            write_atomically(tokens_path, lambda path: np.save(path, tokens))
+            write_atomically(meta_path, lambda path: path.write_text(json.dumps(meta)))
+            logger.info(f"Cached the token ids of {len(tokens)} images in {tokens_path}.")
+        accelerator.wait_for_everyone()
+    if meta["skipped"]:
+        logger.warning(f"{len(meta['skipped'])} unreadable images were skipped: {_examples(meta['skipped'])}.")
+    if len(tokens) == 0:
+        raise ValueError(f"None of the {len(data.files)} images in {data.root} could be read.")
+    position = {file: index for index, file in enumerate(data.files)}
+    data = data.subset([position[file] for file in meta["files"]])
+    return torch.from_numpy(tokens.astype(np.int32)), data
+
+
+def write_atomically(path: Path, write):
+    """`write(temporary_path)`, then rename onto `path`: an interrupted run never leaves a partial file."""
+    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def vqvae_downsampling(vqvae: VQModel) -> int:
+    return 2 ** (len(vqvae.config.block_out_channels) - 1)
+
+
+def vqvae_grid(vqvae: VQModel, resolution: int) -> int:
+    return resolution // vqvae_downsampling(vqvae)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def _has_file(path: str, file_name: str, revision: Optional[str]) -> bool:
+    """Whether the local folder or Hub repo `path` holds `file_name`."""
+    if Path(path).is_dir():
+        return (Path(path) / file_name).is_file()
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ValueError(f"{path} is not a folder (nor a Hub repo id, which has the form `owner/name`).")
+    return file_exists(path, file_name, revision=revision)
+
+
+def _subfolder(path: str, name: str, revision: Optional[str]) -> Optional[str]:
+    """`name` if `path` has a `name/` component (a config file in it), else None (the model is at the root)."""
+    configs = ("config.json", "scheduler_config.json")
+    return name if any(_has_file(path, f"{name}/{config}", revision) for config in configs) else None
+
+
+def has_component(path: Optional[str], name: str, revision: Optional[str]) -> bool:
+    return path is not None and _subfolder(path, name, revision) is not None
+
+
+def load_text_encoder(path: str, revision: Optional[str]):
+    """A CLIP text encoder and tokenizer from a repo or folder holding both, or its text_encoder/tokenizer folders."""
+    subfolder = _subfolder(path, "text_encoder", revision)
+    kwargs = dict(revision=revision) if subfolder is None else dict(subfolder=subfolder, revision=revision)
+    architectures = CLIPTextConfig.from_pretrained(path, **kwargs).architectures or []
+    model_class = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in architectures else CLIPTextModel
+    text_encoder = model_class.from_pretrained(path, dtype=torch.float32, **kwargs)
+    tokenizer_kwargs = dict(revision=revision) if subfolder is None else dict(subfolder="tokenizer", revision=revision)
+    return text_encoder, CLIPTokenizer.from_pretrained(path, **tokenizer_kwargs)
+
+
+def read_transformer_config(path: str) -> dict:
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(key for key in config if not key.startswith("_") and key not in accepted)
+    if unknown:
+        raise ValueError(f"--transformer_config {path} has unknown keys {unknown}; accepted: {sorted(accepted)}.")
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
+def load_models(args):
+    """The transformer to train, scheduler, VQ model, text encoder/tokenizer (text models) and class names; the
+    models in float32 (the frozen ones too: token ids and text embeddings do not depend on --mixed_precision)."""
+    pretrained, revision = args.pretrained_model_name_or_path, args.revision
+    if args.transformer_config is not None:
+        transformer = ENATTransformer2DModel(**read_transformer_config(args.transformer_config))
+        logger.info(f"Training a new transformer from {args.transformer_config}.")
+    elif has_component(pretrained, "transformer", revision):
+        transformer = ENATTransformer2DModel.from_pretrained(
+            pretrained, subfolder="transformer", revision=revision, dtype=torch.float32
+        )
+        logger.info(f"Fine-tuning the transformer of {pretrained}.")
+    else:
+        raise ValueError(f"{pretrained} has no transformer/ to fine-tune: pass --transformer_config for a new model.")
+
+    vqvae_path = args.vqvae_name_or_path or pretrained
+    subfolder = _subfolder(vqvae_path, "vqvae", revision)
+    vqvae = VQModel.from_pretrained(vqvae_path, subfolder=subfolder, revision=revision, dtype=torch.float32)
+
+    if has_component(pretrained, "scheduler", revision):
+        scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+    else:
+        scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
+
+    text_encoder = tokenizer = None
+    if transformer.config.text_embed_dim is not None:
+        text_path = args.text_encoder_name_or_path
+        if text_path is None:
+            text_path = pretrained if has_component(pretrained, "text_encoder", revision) else DEFAULT_TEXT_ENCODER
+        text_encoder, tokenizer = load_text_encoder(text_path, revision)
+
+    id2label = None
+    if (
+        pretrained is not None
+        and args.transformer_config is None
+        and _has_file(pretrained, "model_index.json", revision)
+    ):
+        id2label = ENATPipeline.load_config(pretrained, revision=revision).get("id2label")
+    return transformer, scheduler, vqvae, text_encoder, tokenizer, id2label
+
+
+def check_compatibility(transformer, scheduler, vqvae, text_encoder, resolution: Optional[int]) -> int:
+    """Raises if the components do not fit together; returns the training resolution."""
+    config = transformer.config
+    factor = vqvae_downsampling(vqvae)
+    if config.codebook_size != vqvae.config.num_vq_embeddings:
+        raise ValueError(
+            f"The transformer's codebook_size is {config.codebook_size} but the VQ model has "
+            f"{vqvae.config.num_vq_embeddings} codes (num_vq_embeddings): they must be equal."
+        )
+    if config.codebook_size > 2**16:
+        raise ValueError(f"The token cache stores uint16 ids: at most 65536 codes, got {config.codebook_size}.")
+    if not vqvae.config.lookup_from_codebook:
+        raise ValueError("The VQ model needs `lookup_from_codebook=True` to decode token ids in ENATPipeline.")
+    if scheduler.config.mask_token_id != config.codebook_size:
+        raise ValueError(
+            f"The scheduler's mask_token_id is {scheduler.config.mask_token_id} but the [MASK] id of the transformer "
+            f"is its codebook_size, {config.codebook_size}: they must be equal."
+        )
+    resolution = resolution or config.sample_size * factor
+    if resolution != config.sample_size * factor:
+        raise ValueError(
+            f"--resolution {resolution} gives a {resolution // factor}x{resolution // factor} token grid with this "
+            f"VQ model ({factor}x downsampling), but the transformer's sample_size is {config.sample_size}: "
+            f"sample_size must equal resolution / {factor} (use --resolution {config.sample_size * factor})."
+        )
+    if text_encoder is not None:
+        sizes = {"hidden_size": text_encoder.config.hidden_size}  # last_hidden_state, and pooler_output
+        if isinstance(text_encoder, CLIPTextModelWithProjection):
+            sizes["projection_dim"] = text_encoder.config.projection_dim  # text_embeds
+        wrong = {name: size for name, size in sizes.items() if size != config.text_embed_dim}
+        if wrong:
+            raise ValueError(
+                f"The transformer's text_embed_dim is {config.text_embed_dim} but the text encoder's {wrong}: "
+                "its token and pooled embeddings must both have text_embed_dim features."
+            )
+    return resolution
+
+
+class ReuseTrainingWrapper(nn.Module):
+    """
+    The transformer with the reuse state passed as plain tensors.
+
+    DDP moves forward inputs to the device with a recursion that rebuilds mappings as `type(obj)(pairs)`, which an
+    `ENATReuseState` (a diffusers `BaseOutput` dataclass) does not survive; tensors do.
+    """
+
+    def __init__(self, transformer: ENATTransformer2DModel):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self, input_ids, reuse_hidden_states=None, reuse_mask=None, reuse_text_hidden_states=None, **condition
+    ):
+        reuse_state = None
+        if reuse_mask is not None:
+            reuse_state = ENATReuseState(reuse_hidden_states, reuse_mask, reuse_text_hidden_states)
+        return self.transformer(input_ids, reuse_state=reuse_state, return_dict=False, **condition)[0]
+
+
+@torch.no_grad()
+def update_ema(ema_model: nn.Module, model: nn.Module, decay: float):
+    for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+        ema_parameter.lerp_(parameter.detach(), 1.0 - decay)
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+
+
+class TextConditions:
+    """
+    Caption embeddings from the frozen text encoder, as the pipeline computes them (`ENATPipeline.encode_prompt`).
+
+    With every distinct caption's embeddings fitting in `max_cache_bytes`, they are computed once (for a few thousand
+    short captions and a small encoder this takes seconds and saves a text-encoder pass per step); otherwise each
+    batch's captions are encoded as they come.
+    """
+
+    def __init__(self, pipe, captions: List[List[str]], dtype, max_cache_bytes: float, batch_size: int):
+        self.pipe, self.dtype, self.batch_size = pipe, dtype, batch_size
+        self.unique = list(dict.fromkeys(text for texts in captions for text in texts))
+        index = {text: i for i, text in enumerate(self.unique)}
+        self.caption_ids = torch.tensor([index[text] for texts in captions for text in texts])
+        self.counts = torch.tensor([len(texts) for texts in captions])
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.null_hidden, self.null_pooled = self.encode([""])  # the unconditional prompt
+        element_size = torch.empty((), dtype=dtype).element_size()
+        size = len(self.unique) * (self.null_hidden.shape[1] + 1) * self.null_hidden.shape[2] * element_size
+        self.cache = None
+        summary = f"{len(self.caption_ids)} captions, {len(self.unique)} distinct; text embeddings"
+        if size <= max_cache_bytes:
+            chunks = [self.encode(self.unique[i : i + batch_size]) for i in range(0, len(self.unique), batch_size)]
+            self.cache = tuple(torch.cat(parts) for parts in zip(*chunks))
+            logger.info(f"{summary} precomputed ({size / 2**20:.1f} MiB).")
+        else:
+            logger.info(f"{summary} computed per batch ({size / 2**30:.1f} GiB to cache them all).")
+
+    @torch.no_grad()
+    def encode(self, texts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        device = self.pipe.text_encoder.device
+        hidden, pooled, _, _ = self.pipe.encode_prompt(texts, device, do_classifier_free_guidance=False)
+        return hidden.to(self.dtype).cpu(), pooled.to(self.dtype).cpu()
+
+    def __call__(self, image_indices, drop, generator):
+        """`encoder_hidden_states` and `pooled_text_embeds` for one caption of each image (the null one if dropped)."""
+        choice = (torch.rand(len(image_indices), generator=generator) * self.counts[image_indices]).long()
+        caption_ids = self.caption_ids[self.offsets[image_indices] + choice]
+        if self.cache is not None:
+            hidden, pooled = self.cache[0][caption_ids], self.cache[1][caption_ids]
+        else:
+            hidden, pooled = self.encode([self.unique[i] for i in caption_ids.tolist()])
+        hidden = torch.where(drop[:, None, None], self.null_hidden, hidden)
+        pooled = torch.where(drop[:, None], self.null_pooled, pooled)
+        return {"encoder_hidden_states": hidden, "pooled_text_embeds": pooled}
+
+
+def mask_previous_step(input_ids: torch.LongTensor, mask_token_id: int, generator) -> torch.LongTensor:
+    """
+    The input of a simulated previous sampling step for reuse training: the masked tokens of `input_ids` plus `k`
+    more, `k = round(num_visible * u)` with `u ~ U[0, 1)`, the same `k` in every row (ENAT `train.py`). Tokens masked
+    now are thus a subset of those masked then, and every row keeps an equal number of masked tokens.
+    """
+    masked = input_ids == mask_token_id
+    num_visible = input_ids.shape[1] - int(masked[0].sum())
+    num_extra = round(num_visible * torch.rand((), generator=generator).item())
+    scores = torch.rand(input_ids.shape, generator=generator).masked_fill(masked, 2.0)  # masked ones never picked
+    extra = torch.zeros_like(masked).scatter_(1, scores.topk(num_extra, dim=1, largest=False).indices, True)
+    return input_ids.masked_fill(extra, mask_token_id)
+
+
+class TrainingRNG:
+    """
+    The per-process generator of all training randomness (caption and flip choice, masks, dropout, reuse), seeded
+    from `--seed` + process index. Checkpointed with every process's state, so a resumed run continues exactly.
+    """
+
+    def __init__(self, seed: int, process_index: int, num_processes: int):
+        self.generator = torch.Generator().manual_seed(seed + process_index)
+        self.process_index, self.num_processes = process_index, num_processes
+        self.all_states = None
+
+    def gather(self):
+        """Collects every process's state for the next checkpoint (all processes must call it)."""
+        self.all_states = gather_object([self.generator.get_state()])
+
+    def state_dict(self):
+        return {"generator_states": self.all_states}
+
+    def load_state_dict(self, state):
+        states = state["generator_states"]
+        if len(states) == self.num_processes:
+            self.generator.set_state(states[self.process_index])
+        else:
+            logger.warning(
+                f"The checkpoint was saved by {len(states)} processes, not {self.num_processes}: the training "
+                "randomness restarts from --seed instead of continuing."
+            )
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(output_dir: Path) -> List[Path]:
+    """`checkpoint-<step>` folders, oldest first."""
+    found = [path for path in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.fullmatch(path.name)]
+    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1)))
+
+
+def find_resume_checkpoint(args, output_dir: Path) -> Optional[Path]:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoint_dirs(output_dir) if output_dir.is_dir() else []
+        if not found:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_dir() else output_dir / path
+    if not path.is_dir() or not CHECKPOINT_PATTERN.fullmatch(path.name):
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint-<step> folder.")
+    return path
+
+
+def check_resume_config(checkpoint: Path, transformer: ENATTransformer2DModel):
+    """Refuses a checkpoint of another transformer configuration, naming the differences."""
+    config_file = checkpoint / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{checkpoint} is not a checkpoint of this script: it has no transformer/config.json.")
+    saved = {key: value for key, value in json.loads(config_file.read_text()).items() if not key.startswith("_")}
+    current = json.loads(
+        json.dumps({key: value for key, value in transformer.config.items() if not key.startswith("_")})
+    )
+    differences = [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"{checkpoint} was saved for another transformer configuration ({'; '.join(differences)}). Resume with "
+            "the configuration it was trained with, or train into a new --output_dir."
+        )
+
+
+def check_output_dir(output_dir: Path, token_cache_dir: Path, resuming: bool):
+    """A new run needs an empty (or absent) output folder; the token cache inside it may already exist."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} exists and is not a folder.")
+    if resuming or not output_dir.exists():
+        return
+    entries = sorted(entry.name for entry in output_dir.iterdir() if entry.resolve() != token_cache_dir.resolve())
+    if entries:
+        raise ValueError(
+            f"--output_dir {output_dir} is not empty ({_examples(entries, 3)}). Use a new folder, or continue the run "
+            "that is there with --resume_from_checkpoint latest."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+
+class TrainingLog:
+    """`train_log.csv`: one row per `--logging_steps` steps (averages over those steps); resuming drops later rows."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        rows = []
+        if path.exists():
+            with open(path, newline="") as file:
+                rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict):
+        with open(self.path, "a", newline="") as file:
+            csv.DictWriter(file, fieldnames=LOG_FIELDS).writerow({key: row[key] for key in LOG_FIELDS})
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path):
+    """The loss column of the CSV log as a PNG (skipped without matplotlib, which the CSV does not need)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss_curve.png (the numbers are in train_log.csv).")
+        return
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=120)
+    axes.plot([int(row["step"]) for row in rows], [float(row["loss"]) for row in rows])
+    axes.set(xlabel="step", ylabel="masked-token cross-entropy", title="ENAT training loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+
+
+def validation_requests(pipe: ENATPipeline, prompts: List[str]):
+    """Pipeline keyword arguments and one caption per prompt; class prompts may be ids ("3") or class names."""
+    if pipe.is_text_to_image:
+        return {"prompt": list(prompts)}, list(prompts)
+    labels = [int(prompt) if prompt.strip().isdigit() else pipe.get_label_ids(prompt)[0] for prompt in prompts]
+    num_classes = pipe.transformer.config.num_classes
+    if any(label >= num_classes for label in labels):
+        raise ValueError(f"--validation_prompts has class ids outside [0, {num_classes - 1}]: {labels}.")
+    names = pipe.config.id2label or {}
+    return {"class_labels": labels}, [f"{label}: {names[label]}" if label in names else str(label) for label in labels]
+
+
+def log_validation(pipe, args, accelerator, global_step: int, output_dir: Path):
+    """Generates every validation prompt (fixed seeds) with the EMA weights; writes a captioned grid PNG."""
+    request, captions = validation_requests(pipe, args.validation_prompts)
+    count = args.num_validation_images
+    generator = [torch.Generator().manual_seed(args.seed + i) for i in range(len(captions) * count)]
+    images = pipe(
+        **request,
+        num_images_per_prompt=count,
+        num_inference_steps=args.validation_num_inference_steps,
+        guidance_scale=args.validation_guidance_scale,
+        generator=generator,
+    ).images
+    columns = count if count > 1 else min(len(images), 4)
+    grid = captioned_grid(images, [caption for caption in captions for _ in range(count)], columns=columns)
+    path = output_dir / "validation" / f"step-{global_step:06d}.png"
+    path.parent.mkdir(exist_ok=True)
+    grid.save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), global_step, dataformats="HWC")
+    logger.info(f"Validation images: {path}")
+
+
+def warn_if_slow_bf16(accelerator):
+    """bf16 autocast on a CPU without bf16 instructions is emulated, many times slower than float32."""
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "bf16":
+        return
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)()
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if not (has_bf16 or has_amx):
+        logger.warning(
+            "This CPU has no AVX512-BF16/AMX instructions: bf16 autocast is emulated and much slower than float32 "
+            "here; consider --mixed_precision no."
+        )
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def main(args):
+    output_dir = Path(args.output_dir)
+    token_cache_dir = Path(args.token_cache_dir) if args.token_cache_dir else output_dir / "token_cache"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir / args.logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # the reuse branch (prev_proj) and the text projection are not used by every batch
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    warn_if_slow_bf16(accelerator)
+    set_seed(args.seed)  # the initialisation of a new model; training randomness comes from TrainingRNG
+
+    # 1. Components, data and output folder: every check runs before anything is written.
+    resume_checkpoint = find_resume_checkpoint(args, output_dir)
+    check_output_dir(output_dir, token_cache_dir, resuming=resume_checkpoint is not None)
+    transformer, scheduler, vqvae, text_encoder, tokenizer, id2label = load_models(args)
+    resolution = check_compatibility(transformer, scheduler, vqvae, text_encoder, args.resolution)
+    if resume_checkpoint is not None:
+        check_resume_config(resume_checkpoint, transformer)
+    text_to_image = transformer.config.text_embed_dim is not None
+    data = read_training_data(args, text_to_image)
+    if not text_to_image:
+        id2label = assign_class_ids(data, id2label, transformer.config.num_classes)
+    logger.info(f"{len(data.files)} images ({data.layout}) in {data.root}.")
+
+    vqvae.requires_grad_(False).eval().to(accelerator.device)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False).eval().to(accelerator.device)
+    ema_model = copy.deepcopy(transformer).requires_grad_(False).eval().to(accelerator.device)
+    pipe = ENATPipeline(ema_model, scheduler, vqvae, text_encoder=text_encoder, tokenizer=tokenizer, id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    if args.validation_prompts:
+        validation_requests(pipe, args.validation_prompts)  # fails now on a class name that does not exist
+
+    accelerator.wait_for_everyone()  # every process has checked the output folder
+    if accelerator.is_main_process:
+        token_cache_dir.mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # 2. Token ids (cached) and conditions.
+    tokens, data = load_or_extract_tokens(
+        accelerator, data, vqvae, resolution, not args.no_random_flip, token_cache_dir, args
+    )
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if text_to_image:
+        conditions = TextConditions(
+            pipe, data.captions, autocast_dtype, args.text_embedding_cache_gb * 1e9, args.encode_batch_size
+        )
+    else:
+        labels = torch.tensor(data.labels)
+        null_label = transformer.config.num_classes
+
+        def conditions(image_indices, drop, generator):
+            return {"class_labels": torch.where(drop, null_label, labels[image_indices])}
+
+    # 3. Optimisation.
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    model = ReuseTrainingWrapper(transformer)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    train_dataloader = DataLoader(range(len(tokens)), batch_size=args.train_batch_size, shuffle=True)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
+    rng = TrainingRNG(args.seed, accelerator.process_index, accelerator.num_processes)
+    accelerator.register_for_checkpointing(rng)
+
+    # checkpoints hold the transformer and its EMA in the diffusers format (with their config.json)
+    def save_model_hook(models, weights, checkpoint_dir):
+        transformer.save_pretrained(Path(checkpoint_dir, "transformer"))
+        ema_model.save_pretrained(Path(checkpoint_dir, "transformer_ema"))
+        weights.clear()
+
+    def load_model_hook(models, checkpoint_dir):
+        models.pop()
+        for module, subfolder in ((transformer, "transformer"), (ema_model, "transformer_ema")):
+            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder=subfolder)
+            module.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    def save_checkpoint(step: int):
+        """Called by every process; the main one writes `checkpoint-<step>` (after pruning to the limit)."""
+        rng.gather()
+        if accelerator.is_main_process:
+            existing = checkpoint_dirs(output_dir)
+            if args.checkpoints_total_limit is not None:
+                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+                    logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
+                    shutil.rmtree(old)
+            accelerator.save_state(output_dir / f"checkpoint-{step}")
+        accelerator.wait_for_everyone()
+
+    global_step = 0
+    if resume_checkpoint is not None:
+        logger.info(f"Resuming from {resume_checkpoint}.")
+        accelerator.load_state(resume_checkpoint)
+        global_step = int(CHECKPOINT_PATTERN.fullmatch(resume_checkpoint.name).group(1))
+    last_checkpoint_step = global_step if resume_checkpoint is not None else None
+
+    if accelerator.is_main_process:
+        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("train_enat", config=tracker_config)
+        training_log = TrainingLog(output_dir / "train_log.csv", global_step)
+
+    # 4. Train.
+    seq_len = transformer.config.sample_size**2
+    mask_token_id = transformer.mask_token_id
+    num_views = tokens.shape[1]
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(
+        f"***** Training: {len(tokens)} images x {num_views} views, {seq_len} tokens each; {args.max_train_steps} "
+        f"steps of {total_batch_size} images ({args.train_batch_size} per device x {accelerator.num_processes} "
+        f"processes x {args.gradient_accumulation_steps} accumulation); {steps_per_epoch} steps per epoch *****"
+    )
+    if args.lr_warmup_steps >= args.max_train_steps:
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps: the run ends warming up.")
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+
+    def new_window():  # sums over the steps of one log row
+        return {"loss": torch.zeros((), device=accelerator.device), "mask_ratio": 0.0, "reuse": 0, "batches": 0}
+
+    window, window_tokens, window_start, run_start = new_window(), 0, time.perf_counter(), time.perf_counter()
+    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+    epoch = first_epoch
+    while global_step < args.max_train_steps:
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches * args.gradient_accumulation_steps)
+        for image_indices in batches:
+            generator = rng.generator
+            batch_size = len(image_indices)
+            views = torch.randint(num_views, (batch_size,), generator=generator)
+            clean = tokens[image_indices, views].long()  # (B, L)
+            drop = torch.rand(batch_size, generator=generator) < args.cond_dropout_prob
+            condition = {k: v.to(accelerator.device) for k, v in conditions(image_indices, drop, generator).items()}
+            input_ids = scheduler.add_noise(clean, generator=generator)
+            masked = input_ids == mask_token_id
+            reuse = bool(torch.rand((), generator=generator) < args.reuse_prob)
+            previous_ids = mask_previous_step(input_ids, mask_token_id, generator) if reuse else None
+            window["mask_ratio"] += masked[0].float().mean().item()
+            input_ids, clean, masked = (t.to(accelerator.device) for t in (input_ids, clean, masked))
+
+            with accelerator.accumulate(model):
+                reuse_inputs = {}
+                if reuse:
+                    with torch.no_grad(), accelerator.autocast():
+                        _, state = ema_model(previous_ids.to(accelerator.device), **condition, return_dict=False)
+                    reuse_inputs = {
+                        "reuse_hidden_states": state.hidden_states,
+                        "reuse_mask": state.mask,
+                        "reuse_text_hidden_states": state.text_hidden_states,
+                    }
+                logits = model(input_ids, **reuse_inputs, **condition)  # (B, L, K)
+                loss = F.cross_entropy(logits[masked].float(), clean[masked], label_smoothing=args.label_smoothing)
+                accelerator.backward(loss)
+                if args.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            window["loss"] += loss.detach()
+            window["reuse"] += reuse
+            window["batches"] += 1
+            window_tokens += batch_size * seq_len
+            if not accelerator.sync_gradients:
+                continue
+            update_ema(ema_model, transformer, args.ema_decay)
+            global_step += 1
+            progress_bar.update(1)
+
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                statistics = torch.tensor(
+                    [window["loss"].item() / window["batches"], window_tokens], device=accelerator.device
+                )
+                statistics = accelerator.reduce(statistics, reduction="sum")
+                seconds = time.perf_counter() - window_start
+                row = {
+                    "step": global_step,
+                    "loss": statistics[0].item() / accelerator.num_processes,
+                    "learning_rate": lr_scheduler.get_last_lr()[0],
+                    "mask_ratio": window["mask_ratio"] / window["batches"],
+                    "reuse_fraction": window["reuse"] / window["batches"],
+                    "tokens_per_second": statistics[1].item() / seconds,
+                    "seconds": time.perf_counter() - run_start,
+                }
+                accelerator.log(
+                    {f"train/{key}": value for key, value in row.items() if key != "step"}, step=global_step
+                )
+                progress_bar.set_postfix(
+                    loss=f"{row['loss']:.3f}",
+                    lr=f"{row['learning_rate']:.2e}",
+                    tok_s=f"{row['tokens_per_second']:.0f}",
+                )
+                if accelerator.is_main_process:
+                    training_log.write(row)
+                window, window_tokens, window_start = new_window(), 0, time.perf_counter()
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+                last_checkpoint_step = global_step
+            if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                log_validation(pipe, args, accelerator, global_step, output_dir)
+            if global_step >= args.max_train_steps:
+                break
+        epoch += 1
+    progress_bar.close()
+
+    # 5. The pipeline folder (EMA weights), a last checkpoint and validation, the loss curve; then a consistency check.
+    if last_checkpoint_step != global_step:
+        save_checkpoint(global_step)
+    if accelerator.is_main_process:
+        pipe.save_pretrained(output_dir)
+        logger.info(f"Saved the pipeline to {output_dir}.")
+        if args.validation_prompts and global_step % args.validation_steps != 0:
+            log_validation(pipe, args, accelerator, global_step, output_dir)
+        plot_loss_curve(output_dir / "train_log.csv", output_dir / "loss_curve.png")
+    checksum = sum(parameter.detach().double().sum() for parameter in transformer.parameters())
+    logger.info(
+        f"Process {accelerator.process_index}: parameter checksum {checksum.item():.17g}", main_process_only=False
+    )
+    checksums = accelerator.gather(checksum.reshape(1).to(accelerator.device))
+    if not torch.all(checksums == checksums[0]):
+        raise RuntimeError(f"The processes ended with different parameters (checksums {checksums.tolist()}).")
+    # drop the DDP model before its process group: torn down later, at exit, a gloo group can hang
+    del model, optimizer, lr_scheduler
+    accelerator.free_memory()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

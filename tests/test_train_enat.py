@@ -1,0 +1,413 @@
+"""examples/train_enat.py on tiny data made here: every data layout, resume, two processes, and its errors."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from conftest import ROOT, tiny_text_encoder, tiny_tokenizer
+from diffusers import VQModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from enat_diffusers import ENATPipeline, MaskedTokenScheduler
+
+
+sys.path.insert(0, str(ROOT / "examples"))
+import train_enat  # noqa: E402
+
+
+SCRIPT = ROOT / "examples" / "train_enat.py"
+RESOLUTION = 32  # 8x8 tokens with the 4x VQ model below
+CODES = 16
+COLOURS = {"red": (220, 50, 47), "green": (60, 170, 70), "blue": (38, 110, 210), "yellow": (240, 190, 30)}
+CORNERS = {"top left": (2, 2), "top right": (18, 2), "bottom left": (2, 18), "bottom right": (18, 18)}
+CLASS_CONFIG = dict(
+    sample_size=8,
+    codebook_size=CODES,
+    hidden_size=32,
+    num_attention_heads=2,
+    num_encoder_layers=2,
+    num_decoder_layers=1,
+    mlp_ratio=2.0,
+    num_classes=len(COLOURS),
+)
+TEXT_CONFIG = {**CLASS_CONFIG, "num_classes": None, "text_embed_dim": 16}
+FAST = ["--max_train_steps", "5", "--train_batch_size", "4", "--lr_warmup_steps", "1", "--ema_decay", "0.9"]
+FAST += ["--report_to", "none", "--encode_batch_size", "16"]
+
+
+def square(colour: str, corner: str) -> Image.Image:
+    """A 12-pixel square of a colour in a corner of a light grey 32x32 image."""
+    image = Image.new("RGB", (RESOLUTION, RESOLUTION), (236, 236, 236))
+    x, y = CORNERS[corner]
+    image.paste(COLOURS[colour], (x, y, x + 12, y + 12))
+    return image
+
+
+def scenes():
+    """24 (file name, colour, corner, caption) with every colour in every corner, and a repeat of each scene."""
+    items = []
+    for repeat in range(2):
+        for colour in COLOURS:
+            for corner in CORNERS:
+                if (repeat, corner) != (1, "bottom right"):
+                    name = f"{colour}_{corner.replace(' ', '_')}_{repeat}.png"
+                    items.append((name, colour, corner, f"a {colour} square at the {corner}"))
+    return items
+
+
+def write_class_folders(root):
+    for name, colour, corner, _ in scenes():
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        square(colour, corner).save(root / colour / name)
+    return root
+
+
+def write_metadata_folder(root, skip_caption_of=None):
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as metadata:
+        for name, colour, corner, caption in scenes():
+            square(colour, corner).save(root / name)
+            if name != skip_caption_of:
+                metadata.write(json.dumps({"file_name": name, "text": caption, "held_out": False}) + "\n")
+    return root
+
+
+def write_coco(root):
+    """The COCO layout: an image folder and a captions JSON with two captions per image."""
+    images, annotations = [], []
+    (root / "train2017").mkdir(parents=True)
+    for image_id, (name, colour, corner, caption) in enumerate(scenes()):
+        square(colour, corner).save(root / "train2017" / name)
+        images.append({"id": image_id, "file_name": name, "height": RESOLUTION, "width": RESOLUTION})
+        for index, text in enumerate([caption, f"{colour} block, {corner}"]):
+            annotations.append({"id": 2 * image_id + index, "image_id": image_id, "caption": text})
+    (root / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root / "train2017", root / "captions_train2017.json"
+
+
+def tiny_vq(num_codes=CODES) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(
+        block_out_channels=[8, 16, 16],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        num_vq_embeddings=num_codes,
+        sample_size=RESOLUTION,
+        mid_block_add_attention=False,
+        lookup_from_codebook=True,
+        scaling_factor=1.0,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Pipeline components without a transformer (vqvae, scheduler, text encoder, tokenizer); new models' configs."""
+    root = tmp_path_factory.mktemp("base")
+    tiny_vq().save_pretrained(root / "components" / "vqvae")
+    MaskedTokenScheduler(mask_token_id=CODES).save_pretrained(root / "components" / "scheduler")
+    tiny_text_encoder().save_pretrained(root / "components" / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "components" / "tokenizer")
+    for name, config in (("class", CLASS_CONFIG), ("text", TEXT_CONFIG)):
+        (root / f"{name}.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def class_data(tmp_path_factory):
+    return write_class_folders(tmp_path_factory.mktemp("class_data"))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    return write_metadata_folder(tmp_path_factory.mktemp("text_data") / "train")
+
+
+def train(*arguments):
+    """Runs the script's `main` in this process, as `accelerate launch` would with one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend on a busy machine
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        train_enat.main(train_enat.parse_args([str(argument) for argument in arguments]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        torch.set_num_threads(threads)
+
+
+def class_run(base, data, output_dir, *extra):
+    return train(
+        "--pretrained_model_name_or_path", base / "components", "--transformer_config", base / "class.json",
+        "--train_data_dir", data, "--output_dir", output_dir, *FAST, *extra,
+    )  # fmt: skip
+
+
+def text_run(base, data, output_dir, *extra):
+    return train(
+        "--pretrained_model_name_or_path", base / "components", "--transformer_config", base / "text.json",
+        "--train_data_dir", data, "--output_dir", output_dir, *FAST, *extra,
+    )  # fmt: skip
+
+
+def transformer_weights(folder):
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_class_folders_train_save_and_generate(base, class_data, tmp_path):
+    output_dir = tmp_path / "out"
+    class_run(base, class_data, output_dir, "--validation_prompts", "0", "blue", "--validation_steps", "5")
+
+    pipe = ENATPipeline.from_pretrained(output_dir)
+    assert pipe.config.id2label == {0: "blue", 1: "green", 2: "red", 3: "yellow"}  # sorted folder names
+    image = pipe(class_labels=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (RESOLUTION, RESOLUTION)
+    # the pipeline holds the EMA weights, which differ from the trained ones
+    ema = transformer_weights(output_dir / "transformer")
+    assert ema.keys() == transformer_weights(output_dir / "checkpoint-5" / "transformer_ema").keys()
+    trained = transformer_weights(output_dir / "checkpoint-5" / "transformer")
+    assert any(not torch.equal(ema[key], trained[key]) for key in ema)
+    rows = (output_dir / "train_log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [row.split(",")[0] for row in rows[1:]] == ["5"]
+    assert (output_dir / "validation" / "step-000005.png").is_file()
+    assert (output_dir / "loss_curve.png").is_file()
+
+
+def test_metadata_jsonl_trains_with_tensorboard_and_generates(base, text_data, tmp_path):
+    output_dir = tmp_path / "out"
+    text_run(
+        base, text_data, output_dir, "--report_to", "tensorboard", "--logging_steps", "2",
+        "--validation_prompts", "a red square at the top left", "--validation_steps", "10",
+        "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
+    )  # fmt: skip
+
+    pipe = ENATPipeline.from_pretrained(output_dir)
+    images = pipe("a blue square at the bottom left", num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
+    assert list((output_dir / "logs" / "train_enat").glob("events.out.tfevents.*"))
+    assert [row.split(",")[0] for row in (output_dir / "train_log.csv").read_text().splitlines()[1:]] == [
+        "2", "4", "5"
+    ]  # fmt: skip
+    assert (output_dir / "validation" / "step-000005.png").is_file()  # the final validation
+
+
+def test_coco_layout_uses_every_caption(base, tmp_path):
+    image_dir, annotations = write_coco(tmp_path / "coco")
+    data = train_enat.read_training_data(
+        train_enat.parse_args(["--train_data_dir", str(image_dir), "--coco_annotations_file", str(annotations),
+                               "--output_dir", "unused", "--max_train_steps", "1", "--vqvae_name_or_path", "unused",
+                               "--transformer_config", str(base / "text.json")]),
+        text_to_image=True,
+    )  # fmt: skip
+    assert len(data.files) == len(scenes()) and all(len(captions) == 2 for captions in data.captions)
+    assert data.captions[0] == ["a red square at the top left", "red block, top left"]
+
+    output_dir = tmp_path / "out"
+    text_run(base, image_dir, output_dir, "--coco_annotations_file", annotations)
+    pipe = ENATPipeline.from_pretrained(output_dir)
+    assert pipe("red block, top left", num_inference_steps=2).images[0].size == (RESOLUTION, RESOLUTION)
+
+
+def test_fine_tunes_a_converted_checkpoint(converted_fixture_dir, class_data, tmp_path):
+    train(
+        "--pretrained_model_name_or_path", converted_fixture_dir, "--train_data_dir", class_data,
+        "--output_dir", tmp_path / "out", *FAST,
+    )  # fmt: skip
+    original, tuned = (
+        ENATPipeline.from_pretrained(converted_fixture_dir),
+        ENATPipeline.from_pretrained(tmp_path / "out"),
+    )
+    for component in ("transformer", "scheduler"):
+        configs = [{k: v for k, v in pipe.components[component].config.items() if k != "_name_or_path"}
+                   for pipe in (original, tuned)]  # fmt: skip
+        assert configs[0] == configs[1]
+    assert original.config.id2label is None  # a converted model without class names takes the folders' names
+    assert tuned.config.id2label == {0: "blue", 1: "green", 2: "red", 3: "yellow"}
+    before, after = original.transformer.state_dict(), tuned.transformer.state_dict()
+    change = max((after[key] - before[key]).abs().max().item() for key in before)
+    assert 0 < change < 0.05  # a few small steps away from the converted weights
+
+
+def test_class_folders_named_after_pretrained_classes_keep_their_ids(tmp_path):
+    PartialState()  # the script logs through accelerate
+    id2label = {"0": "blue", "1": "green", "2": "red", "3": "yellow"}  # as model_index.json stores it
+
+    def folders(*names):
+        return train_enat.TrainingData(tmp_path, "class folders", list(names), list(range(len(names))), list(names))
+
+    data = folders("Red", "blue")
+    assert train_enat.assign_class_ids(data, id2label, 4) == {0: "blue", 1: "green", 2: "red", 3: "yellow"}
+    assert data.labels == [2, 0]
+    data = folders("cats", "dogs")  # not class names: folder i trains class i, renamed
+    assert train_enat.assign_class_ids(data, id2label, 4) == {0: "cats", 1: "dogs", 2: "red", 3: "yellow"}
+    assert data.labels == [0, 1]
+    with pytest.raises(ValueError, match="5 class folders but the transformer has num_classes=4"):
+        train_enat.assign_class_ids(folders(*"abcde"), None, 4)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_resume_continues_exactly(base, class_data, tmp_path):
+    """3 steps, then a resume to 6, ends with the weights and optimiser state of 6 uninterrupted steps."""
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "5"]
+    class_run(base, class_data, tmp_path / "straight", *common)
+    class_run(base, class_data, tmp_path / "resumed", *common[2:], "--max_train_steps", "3")
+    token_cache = next((tmp_path / "resumed" / "token_cache").glob("*.npy"))
+    cached_at = token_cache.stat().st_mtime_ns
+    class_run(base, class_data, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+
+    assert token_cache.stat().st_mtime_ns == cached_at  # the images were not tokenised again
+    for folder in ("transformer", "transformer_ema"):
+        straight = transformer_weights(tmp_path / "straight" / "checkpoint-6" / folder)
+        resumed = transformer_weights(tmp_path / "resumed" / "checkpoint-6" / folder)
+        assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    straight = torch.load(tmp_path / "straight" / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    assert straight["state"].keys() == resumed["state"].keys()
+    for index, state in straight["state"].items():
+        assert all(torch.equal(value, resumed["state"][index][name]) for name, value in state.items())
+    rows = (tmp_path / "resumed" / "train_log.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["3", "6"]
+
+
+def test_checkpoints_total_limit_keeps_the_newest(base, class_data, tmp_path):
+    class_run(base, class_data, tmp_path / "out", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_two_processes_end_with_the_same_weights_and_one_output(base, class_data, tmp_path):
+    output_dir = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        "--pretrained_model_name_or_path", str(base / "components"), "--transformer_config", str(base / "class.json"),
+        "--train_data_dir", str(class_data), "--output_dir", str(output_dir), *FAST,
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # CPU processes, gloo
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    finally:  # the launcher and both workers, also after a timeout
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, stderr[-3000:]
+    checksums = {line.split("Process ")[1][0]: line.rsplit(" ", 1)[1] for line in stderr.splitlines()
+                 if "parameter checksum" in line}  # fmt: skip
+    assert checksums.keys() == {"0", "1"} and checksums["0"] == checksums["1"]
+    assert [row.split(",")[0] for row in (output_dir / "train_log.csv").read_text().splitlines()[1:]] == ["5"]
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-5"]
+    ENATPipeline.from_pretrained(output_dir)
+
+
+def test_loss_falls_on_structured_data(base, class_data, tmp_path):
+    """Learning, not just running: 150 steps take the masked-token loss from ln(16) ~ 2.7 far down (floor ~0.57)."""
+    class_run(
+        base, class_data, tmp_path / "out", "--max_train_steps", "150", "--train_batch_size", "16",
+        "--learning_rate", "2e-3", "--lr_warmup_steps", "10", "--checkpointing_steps", "1000",
+    )  # fmt: skip
+    losses = [float(row.split(",")[1]) for row in (tmp_path / "out" / "train_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 15 and losses[0] > 2.5 and losses[-1] < 0.7 * losses[0]
+
+
+def test_reuse_training_input_masks_more_tokens_of_each_row():
+    generator = torch.Generator().manual_seed(0)
+    scheduler = MaskedTokenScheduler(mask_token_id=CODES)
+    for _ in range(20):
+        input_ids = scheduler.add_noise(torch.randint(0, CODES, (6, 64), generator=generator), generator=generator)
+        previous = train_enat.mask_previous_step(input_ids, CODES, generator)
+        now_masked, then_masked = input_ids == CODES, previous == CODES
+        assert torch.all(then_masked | ~now_masked)  # tokens masked now were masked then
+        extra = (then_masked & ~now_masked).sum(1)
+        assert torch.all(extra == extra[0])  # the same number of extra masked tokens in every row
+        assert torch.equal(previous[~then_masked], input_ids[~then_masked])
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+
+
+def test_empty_data_folder(base, tmp_path):
+    (tmp_path / "empty" / "some_class").mkdir(parents=True)
+    with pytest.raises(ValueError, match="No images in --train_data_dir"):
+        class_run(base, tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_images_without_captions(base, class_data, tmp_path):
+    with pytest.raises(ValueError, match="have no captions: a text-to-image model needs .*metadata.jsonl"):
+        text_run(base, class_data, tmp_path / "out")
+    data = write_metadata_folder(tmp_path / "data", skip_caption_of="red_top_left_0.png")
+    with pytest.raises(ValueError, match=r"1 images in .* have no caption in metadata.jsonl: red_top_left_0.png"):
+        text_run(base, data, tmp_path / "out")
+
+
+def test_caption_files_naming_missing_images(base, tmp_path):
+    data = write_metadata_folder(tmp_path / "data")
+    (data / "blue_top_left_1.png").unlink()
+    with pytest.raises(ValueError, match="metadata.jsonl names 1 images that are not in .*: blue_top_left_1.png"):
+        text_run(base, data, tmp_path / "out")
+    image_dir, annotations = write_coco(tmp_path / "coco")
+    (image_dir / "green_top_right_0.png").unlink()
+    with pytest.raises(ValueError, match="captions_train2017.json names 1 images .*: green_top_right_0.png"):
+        text_run(base, image_dir, tmp_path / "out", "--coco_annotations_file", annotations)
+
+
+@pytest.mark.parametrize(
+    "config, components, message",
+    [
+        ({"codebook_size": 32}, {}, "codebook_size is 32 but the VQ model has 16 codes"),
+        ({"sample_size": 4}, {}, "transformer.s sample_size is 4: sample_size must equal resolution / 4"),
+        ({}, {"scheduler": MaskedTokenScheduler(mask_token_id=8)}, "scheduler's mask_token_id is 8"),
+    ],
+)
+def test_components_that_do_not_fit(base, class_data, tmp_path, config, components, message):
+    components_dir = tmp_path / "components"
+    components_dir.mkdir()
+    for name in ("vqvae", "scheduler"):
+        if name in components:
+            components[name].save_pretrained(components_dir / name)
+        else:
+            os.symlink(base / "components" / name, components_dir / name)
+    (tmp_path / "config.json").write_text(json.dumps({**CLASS_CONFIG, **config}))
+    with pytest.raises(ValueError, match=message):
+        train(
+            "--pretrained_model_name_or_path", components_dir, "--transformer_config", tmp_path / "config.json",
+            "--train_data_dir", class_data, "--output_dir", tmp_path / "out", "--resolution", RESOLUTION, *FAST,
+        )  # fmt: skip
+
+
+def test_resume_from_another_configuration_is_refused(base, class_data, tmp_path):
+    class_run(base, class_data, tmp_path / "out", "--max_train_steps", "2")
+    (tmp_path / "wider.json").write_text(json.dumps({**CLASS_CONFIG, "hidden_size": 48}))
+    with pytest.raises(ValueError, match="another transformer configuration .*hidden_size: 32 in the checkpoint, 48"):
+        train(
+            "--pretrained_model_name_or_path", base / "components", "--transformer_config", tmp_path / "wider.json",
+            "--train_data_dir", class_data, "--output_dir", tmp_path / "out", *FAST,
+            "--resume_from_checkpoint", "latest",
+        )  # fmt: skip
+
+
+def test_non_empty_output_dir_is_refused_without_resume(base, class_data, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty .*notes.txt"):
+        class_run(base, class_data, tmp_path / "out")
+
+
+def test_unreadable_image_is_skipped_with_a_warning(base, class_data, tmp_path, caplog):
+    data = tmp_path / "data"
+    write_class_folders(data)
+    (data / "red" / "broken.png").write_bytes(b"not a png")
+    class_run(base, data, tmp_path / "out")
+    assert "Skipping" in caplog.text and "broken.png" in caplog.text
+    meta = json.loads(next((tmp_path / "out" / "token_cache").glob("*.json")).read_text())
+    assert meta["skipped"] == ["red/broken.png"] and len(meta["files"]) == len(scenes())
