@@ -24,6 +24,6 @@ setup(
         # the offline CLIP tokenizer reads open_clip's BPE file (install it with --no-deps: only the file is used)
         "tokenizer": ["open_clip_torch"],
         "train": ["tensorboard", "matplotlib"],
-        "test": ["pytest", "peft", "tensorboard", "matplotlib"],
+        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy"],  # ftfy: open_clip's reference tokenizer
     },
 )

@@ -115,8 +115,11 @@ def test_save_load_round_trip(tmp_path, pipe):
     assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()
     assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
     reference = latents(pipe, prompt=["a red bus", "a cat"])
-    for loader in (ENATPipeline, DiffusionPipeline):
-        loaded = loader.from_pretrained(tmp_path)
+    for loader, kwargs in (
+        (ENATPipeline, {}),
+        (DiffusionPipeline, dict(custom_pipeline=str(tmp_path / "pipeline.py"), trust_remote_code=True)),
+    ):
+        loaded = loader.from_pretrained(tmp_path, **kwargs)
         loaded.set_progress_bar_config(disable=True)
         assert loaded.tokenizer.model_max_length == 77 and len(loaded.tokenizer) == 1000
         assert torch.equal(latents(loaded, prompt=["a red bus", "a cat"]), reference)
@@ -174,9 +177,15 @@ def test_full_offline_clip_tokenizer():
     tokenizer = build_clip_tokenizer()
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-    from open_clip.tokenizer import SimpleTokenizer
+    # open_clip's own tokenizer module, loaded without the package (whose __init__ needs torchvision)
+    import importlib.util
 
-    reference = SimpleTokenizer()
+    from enat_diffusers.clip_tokenizer import open_clip_bpe_path
+
+    spec = importlib.util.spec_from_file_location("open_clip_tokenizer", open_clip_bpe_path().parent / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = module.SimpleTokenizer()
     for text in [
         "A red double-decker bus, parked at 5pm!",
         "Ünïcödé café naïve",

@@ -21,7 +21,7 @@ try:
     import spaces
 
     gpu = spaces.GPU(duration=120)
-except ImportError:
+except (ImportError, AttributeError):  # not installed (or just a folder named `spaces` on sys.path)
     spaces = None
 
     def gpu(function):
