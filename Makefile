@@ -14,13 +14,20 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
 
-# `make demo` generates with the text-to-image model that ships in pretrained/enat-shapes (trained here by
-# `make train-demo`). With the released ImageNet checkpoints it converts them first (again whenever they change):
+# `make demo` generates with the text-to-image model of pretrained/enat-shapes once it ships (`make train-demo` trains
+# it; until then, and with no checkpoints given, the demo runs every stage on the tiny random-weight original-format
+# fixture checkpoints of tests/fixtures: their images are noise). With the released ImageNet checkpoints it converts
+# them first (again whenever they change):
 #     make demo TRANSFORMER_CKPT=nnet_ema.pth VQGAN_CKPT=vqgan_jax_strongaug.ckpt [PRESET=enat-l-256]
 TRANSFORMER_CKPT ?=
 VQGAN_CKPT ?=
 PRESET ?= enat-l-256
-ifeq ($(TRANSFORMER_CKPT),)
+ifneq ($(TRANSFORMER_CKPT),)
+$(if $(wildcard $(TRANSFORMER_CKPT)),,$(error TRANSFORMER_CKPT=$(TRANSFORMER_CKPT): no such file))
+$(if $(wildcard $(VQGAN_CKPT)),,$(error VQGAN_CKPT=$(VQGAN_CKPT): no such file (the demo needs both checkpoints)))
+DEMO_MODEL := outputs/converted/$(notdir $(TRANSFORMER_CKPT))-$(PRESET)
+DEMO_CONDITION := --prompt "golden retriever" "tabby" "volcano" "red fox"
+else ifneq ($(wildcard pretrained/enat-shapes/model_index.json),)
 DEMO_MODEL := pretrained/enat-shapes
 DEMO_CONDITION := --prompt "a large red circle on the left and a small blue square on the right" \
 	"a small yellow triangle at the top and a large green circle at the bottom" \
@@ -28,9 +35,13 @@ DEMO_CONDITION := --prompt "a large red circle on the left and a small blue squa
 	"a large purple triangle on the left and a small red circle on the right" \
 	"a large green square at the bottom"
 else
-DEMO_MODEL := outputs/converted/$(notdir $(TRANSFORMER_CKPT))-$(PRESET)
-DEMO_CONDITION := --prompt "golden retriever" "tabby" "volcano" "red fox"
+TRANSFORMER_CKPT := tests/fixtures/enat_tiny.pth
+VQGAN_CKPT := tests/fixtures/vqgan_tiny.ckpt
+PRESET := tiny
+DEMO_MODEL := outputs/converted/enat-tiny-random
+DEMO_CONDITION := --class-labels 1 4 9
 endif
+CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-encoder-layers 3,--preset $(PRESET))
 
 # `make train-demo`: data -> VQ model -> CLIP text encoder -> ENAT -> ShapesEval, into $(TRAIN_DIR). Every stage
 # resumes from its last checkpoint when interrupted; a finished stage is skipped. Copy the result over the shipped
@@ -64,10 +75,14 @@ test: $(VENV)/.space-installed
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model_index.json
 	$(PY) examples/generate.py --model $(DEMO_MODEL) $(DEMO_CONDITION) --output-dir outputs/demo --overwrite
+ifeq ($(PRESET),tiny)
+	@echo "note: pretrained/enat-shapes is not trained yet, so this ran every stage on a tiny random-weight model"
+	@echo "      (noise images); make train-demo trains the text-to-image model that will ship there."
+endif
 
 outputs/converted/%/model_index.json: $(TRANSFORMER_CKPT) $(VQGAN_CKPT) | $(VENV)/.installed
 	$(PY) conversion/convert_enat_to_diffusers.py --transformer-checkpoint $(TRANSFORMER_CKPT) \
-		--vqgan-checkpoint $(VQGAN_CKPT) --preset $(PRESET) --output-dir outputs/converted/$* --overwrite
+		--vqgan-checkpoint $(VQGAN_CKPT) $(CONVERT_ARCH) --output-dir outputs/converted/$* --overwrite
 
 train-demo: $(TRAIN_DIR)/enat-shapes/shapes_eval.json
 	@echo "trained pipeline: $(TRAIN_DIR)/enat-shapes (ShapesEval: $<); ship it with: make install-demo-model"
