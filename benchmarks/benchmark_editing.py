@@ -148,8 +148,12 @@ def main(argv=None):
         def run():
             generator = [torch.Generator().manual_seed(i) for i in range(args.batch_size)]
             return pipe(
-                **condition, num_inference_steps=args.steps, reuse_features=reuse, generator=generator,
-                output_type="latent", **kwargs,
+                **condition,
+                num_inference_steps=args.steps,
+                reuse_features=reuse,
+                generator=generator,
+                output_type="latent",
+                **kwargs,
             )
 
         return run
@@ -170,8 +174,12 @@ def main(argv=None):
             counter.remove()
             transformer_gflops, total_gflops = count_flops(fn)
             stats[key] = dict(
-                encoder=counter.encoder, decoder=counter.decoder, forwards=counter.forwards,
-                transformer=transformer_gflops, total=total_gflops, times=[],
+                encoder=counter.encoder,
+                decoder=counter.decoder,
+                forwards=counter.forwards,
+                transformer=transformer_gflops,
+                total=total_gflops,
+                times=[],
             )
         for _ in range(args.repeats):
             for key, fn in variants.items():
@@ -182,10 +190,14 @@ def main(argv=None):
                 stats[key]["times"].append(time.perf_counter() - start)
 
     reference = stats[("generate", "on")]
-    print(f"model: {args.model or 'random Shapes-sized class model'}; {args.steps} steps requested, batch "
-          f"{args.batch_size}, {args.repeats} repeats, device {args.device}, {torch.get_num_threads()} threads\n")
-    print("| variant | reuse | forwards | encoder tokens/img | decoder tokens/img | transformer GFLOPs | total GFLOPs "
-          "| min s | median s | time vs generate (reuse) |")
+    print(
+        f"model: {args.model or 'random Shapes-sized class model'}; {args.steps} steps requested, batch "
+        f"{args.batch_size}, {args.repeats} repeats, device {args.device}, {torch.get_num_threads()} threads\n"
+    )
+    print(
+        "| variant | reuse | forwards | encoder tokens/img | decoder tokens/img | transformer GFLOPs | total GFLOPs "
+        "| min s | median s | time vs generate (reuse) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (name, tag), row in stats.items():
         print(

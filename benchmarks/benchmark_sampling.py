@@ -37,10 +37,10 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "conversion"))
 
-from enat_diffusers.conversion import build_transformer  # noqa: E402
 from original_enat import OriginalENAT, generate  # noqa: E402
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler  # noqa: E402
+from enat_diffusers.conversion import build_transformer  # noqa: E402
 
 
 # model -> where the weights come from, architecture not stored in the file, and sampling settings

@@ -21,7 +21,9 @@ def captioned_grid(
 ) -> PIL.Image.Image:
     """Images in a grid, each enlarged `scale` times (nearest neighbour) with its caption written underneath."""
     if len(images) != len(captions) or not images:
-        raise ValueError(f"captioned_grid needs one caption per image, got {len(images)} images, {len(captions)} captions.")
+        raise ValueError(
+            f"captioned_grid needs one caption per image, got {len(images)} images, {len(captions)} captions."
+        )
     font = PIL.ImageFont.load_default(size=font_size)
     cell_width, cell_height = images[0].width * scale, images[0].height * scale
     chars_per_line = max(8, int(cell_width / (font_size * 0.55)))
@@ -30,7 +32,9 @@ def captioned_grid(
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     pad = 6
-    grid = PIL.Image.new("RGB", (columns * (cell_width + pad) + pad, rows * (cell_height + text_height + pad) + pad), "white")
+    grid = PIL.Image.new(
+        "RGB", (columns * (cell_width + pad) + pad, rows * (cell_height + text_height + pad) + pad), "white"
+    )
     draw = PIL.ImageDraw.Draw(grid)
     for index, (image, lines) in enumerate(zip(images, wrapped)):
         x = pad + (index % columns) * (cell_width + pad)
@@ -54,7 +58,9 @@ class RevealRecorder(PipelineCallback):
         self.steps: List[tuple] = []
 
     def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
-        self.steps.append((callback_kwargs["latents"][:1].clone(), callback_kwargs["pred_original_sample"][:1].clone()))
+        self.steps.append(
+            (callback_kwargs["latents"][:1].clone(), callback_kwargs["pred_original_sample"][:1].clone())
+        )
         return {}
 
     @torch.no_grad()

@@ -151,20 +151,32 @@ def parse_args(argv=None):
     region.add_argument("--mask", help="mask image, white = regenerate (resized to the model's size if needed)")
     region.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), help="pixel box to regenerate")
     outpaint = commands.add_parser(
-        "outpaint", parents=[common], help="extend the image beyond its border", description=__doc__,
+        "outpaint",
+        parents=[common],
+        help="extend the image beyond its border",
+        description=__doc__,
         formatter_class=raw,
     )
     outpaint.add_argument(
-        "--pad", type=int, nargs=4, required=True, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+        "--pad",
+        type=int,
+        nargs=4,
+        required=True,
+        metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
         help="border to generate, in pixels of the model's size",
     )
     img2img = commands.add_parser(
-        "img2img", parents=[common], help="re-mask a fraction of the tokens and regenerate", description=__doc__,
+        "img2img",
+        parents=[common],
+        help="re-mask a fraction of the tokens and regenerate",
+        description=__doc__,
         formatter_class=raw,
     )
     img2img.add_argument("--strength", type=float, default=0.5, help="fraction of tokens re-masked, in (0, 1]")
     img2img.add_argument(
-        "--remask", choices=["random", "confidence"], default="random",
+        "--remask",
+        choices=["random", "confidence"],
+        default="random",
         help="which tokens: at random (default) or the model's least confident",
     )
     return parser.parse_args(argv)

@@ -41,7 +41,10 @@ def main(argv=None):
     paths = output_paths(output_dir, num_images)
     existing = [str(path) for path in paths.values() if path.exists()]
     if existing and not args.overwrite:
-        sys.exit(f"error: {existing[0]} exists; pass --overwrite (replaces only the files listed in --help) or another --output-dir")
+        sys.exit(
+            f"error: {existing[0]} exists; pass --overwrite (replaces only the files listed in --help) "
+            "or another --output-dir"
+        )
     if output_dir.exists() and not output_dir.is_dir():
         sys.exit(f"error: --output-dir {output_dir} is a file")
 

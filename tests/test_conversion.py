@@ -1,12 +1,12 @@
 import json
 
-from enat_diffusers.conversion import checkpoints as convert
 import pytest
 import torch
 from conftest import FIXTURES, call_converter
 from diffusers import VQModel
 
 from enat_diffusers import ENATTransformer2DModel
+from enat_diffusers.conversion import checkpoints as convert
 
 
 TINY_ARGS = ["--num-attention-heads", 4, "--num-encoder-layers", 3]

@@ -76,7 +76,9 @@ def test_fused_projections_compute_the_same():
     assert not hasattr(attention, "to_qkv")
     plain = model(revealed, class_labels=labels, reuse_state=reference.reuse_state).logits
     model.fuse_qkv_projections()
-    assert torch.allclose(model(revealed, class_labels=labels, reuse_state=reference.reuse_state).logits, plain, atol=1e-5)
+    assert torch.allclose(
+        model(revealed, class_labels=labels, reuse_state=reference.reuse_state).logits, plain, atol=1e-5
+    )
 
 
 def test_layerwise_casting_to_float8_runs():
@@ -199,10 +201,16 @@ def test_gumbel_keeps_tokens_with_softmax_probabilities_of_their_confidence():
 
 
 def test_components_that_do_not_belong_together_are_refused():
-    with pytest.raises(ValueError, match="scheduler's mask_token_id is 9 but the transformer's \\[MASK\\] id is its codebook_size, 8"):
-        ENATPipeline(transformer=tiny_transformer(), scheduler=MaskedTokenScheduler(mask_token_id=9), vqvae=tiny_vqvae())
+    with pytest.raises(
+        ValueError, match="scheduler's mask_token_id is 9 but the transformer's \\[MASK\\] id is its codebook_size, 8"
+    ):
+        ENATPipeline(
+            transformer=tiny_transformer(), scheduler=MaskedTokenScheduler(mask_token_id=9), vqvae=tiny_vqvae()
+        )
     with pytest.raises(ValueError, match="VQ model has 16 codes but the transformer predicts 8"):
-        ENATPipeline(transformer=tiny_transformer(), scheduler=MaskedTokenScheduler(mask_token_id=8), vqvae=tiny_vqvae(16))
+        ENATPipeline(
+            transformer=tiny_transformer(), scheduler=MaskedTokenScheduler(mask_token_id=8), vqvae=tiny_vqvae(16)
+        )
 
 
 def test_images_per_prompt_are_consecutive_and_match_single_runs():
@@ -237,7 +245,9 @@ def guided_reference(pipe, model_kwargs, uncond_kwargs, steps, guidance_scale):
 def test_class_guidance_uses_the_labels_for_cond_and_the_null_class_for_uncond():
     pipe = tiny_class_pipeline()
     labels = torch.tensor([1, 4])
-    expected = guided_reference(pipe, dict(class_labels=labels), dict(class_labels=torch.full_like(labels, 10)), 3, 4.0)
+    expected = guided_reference(
+        pipe, dict(class_labels=labels), dict(class_labels=torch.full_like(labels, 10)), 3, 4.0
+    )
     settings = dict(num_inference_steps=3, guidance_scale=4.0, mask_temperature=0, sampling_temperature=0)
     got = pipe(class_labels=[1, 4], output_type="latent", reuse_features=False, **settings).images
     assert torch.equal(got, expected)
@@ -397,5 +407,9 @@ def test_pipeline_callbacks_and_interrupt():
     assert seen == [(0, 3.0, True), (1, 3.0, True)]
     assert len(recorder.calls) == 2 and pipe.interrupt
     assert (ids != 8).all()  # the tokens still masked were filled with the last predictions
-    assert pipe(class_labels=[1], num_inference_steps=2, guidance_scale=0, output_type="latent").images.shape == (1, 4, 4)
+    assert pipe(class_labels=[1], num_inference_steps=2, guidance_scale=0, output_type="latent").images.shape == (
+        1,
+        4,
+        4,
+    )
     assert not pipe.interrupt and not pipe.do_classifier_free_guidance

@@ -105,8 +105,12 @@ def test_inpaint_keeps_known_tokens_and_regenerates_masked_ones(inpaint, image):
     assert token_mask.sum() == 4 and token_mask[:2, :2].all()
     encoded = inpaint.encode_image(image)[0]
     ids = inpaint(
-        class_labels=[1, 2], image=image, mask_image=mask, num_images_per_prompt=2,
-        generator=[seeded(i) for i in range(4)], output_type="latent",
+        class_labels=[1, 2],
+        image=image,
+        mask_image=mask,
+        num_images_per_prompt=2,
+        generator=[seeded(i) for i in range(4)],
+        output_type="latent",
     ).images
     assert ids.shape == (4, 4, 4) and ids.dtype == torch.long
     assert (ids[:, ~token_mask] == encoded[~token_mask]).all()
@@ -151,8 +155,12 @@ def test_steps_never_exceed_masked_tokens(inpaint, image):
     for box, masked in (((0, 0, 1, 1), 1), ((0, 0, 6, 2), 3), ((0, 0, 8, 4), 8)):
         record = []
         inpaint(
-            class_labels=[0], image=image, mask_image=box_mask(8, 8, box), num_inference_steps=8,
-            callback_on_step_end=masked_counts_callback(record), output_type="latent",
+            class_labels=[0],
+            image=image,
+            mask_image=box_mask(8, 8, box),
+            num_inference_steps=8,
+            callback_on_step_end=masked_counts_callback(record),
+            output_type="latent",
         )
         assert inpaint.num_timesteps == len(record) == min(8, masked)
         assert record[-1] == 0 and all(a > b for a, b in zip([masked] + record, record)), record
@@ -165,8 +173,14 @@ def test_reuse_encodes_known_tokens_once(inpaint, image):
         record = []
         with ForwardRecorder(inpaint.transformer) as recorder:
             inpaint(
-                class_labels=[0], image=image, mask_image=mask, num_inference_steps=4, reuse_features=reuse,
-                guidance_scale=1.0, callback_on_step_end=masked_counts_callback(record), output_type="latent",
+                class_labels=[0],
+                image=image,
+                mask_image=mask,
+                num_inference_steps=4,
+                reuse_features=reuse,
+                guidance_scale=1.0,
+                callback_on_step_end=masked_counts_callback(record),
+                output_type="latent",
             )
         calls = recorder.calls
         before = [8] + record[:-1]  # masked tokens in each step's input
@@ -262,8 +276,14 @@ def test_img2img_text_model_batches(image):
     images = torch.cat([image, image.flip(-1)])
     with ForwardRecorder(pipe.transformer) as recorder:
         out = pipe(
-            ["a red circle", "a blue square"], image=images, strength=0.5, remask="confidence", guidance_scale=2.0,
-            num_images_per_prompt=2, generator=[seeded(i) for i in range(4)], output_type="pt",
+            ["a red circle", "a blue square"],
+            image=images,
+            strength=0.5,
+            remask="confidence",
+            guidance_scale=2.0,
+            num_images_per_prompt=2,
+            generator=[seeded(i) for i in range(4)],
+            output_type="pt",
         ).images
     assert out.shape == (4, 3, 8, 8)
     scoring, sampling = recorder.calls[:4], recorder.calls[4:]
@@ -322,7 +342,10 @@ def test_strategy_schedulers_need_enough_masked_tokens(class_pipe, image):
     pipe.set_progress_bar_config(disable=True)
     record = []
     pipe(
-        class_labels=[0], image=image, mask_image=box_mask(8, 8, (0, 0, 8, 4)), output_type="latent",
+        class_labels=[0],
+        image=image,
+        mask_image=box_mask(8, 8, (0, 0, 8, 4)),
+        output_type="latent",
         callback_on_step_end=masked_counts_callback(record),
     )
     assert record == [6, 4, 2, 0]  # floor(8 * ratio)

@@ -37,7 +37,13 @@ def test_prompts_never_become_paths(tmp_path, text_model):
     assert all(str(p).startswith("work/out/") for p in written), written
     out = work / "out"
     assert sorted(p.name for p in out.iterdir()) == [
-        "grid.png", "image_00.png", "image_01.png", "image_02.png", "images.json", "reveal.gif", "reveal_strip.png",
+        "grid.png",
+        "image_00.png",
+        "image_01.png",
+        "image_02.png",
+        "images.json",
+        "reveal.gif",
+        "reveal_strip.png",
     ]
     index = json.loads((out / "images.json").read_text())
     assert [entry["condition"] for entry in index] == prompts and [entry["seed"] for entry in index] == [0, 1, 2]
@@ -52,7 +58,9 @@ def test_prompts_never_become_paths(tmp_path, text_model):
 
 
 def test_bad_sampling_option_is_a_clear_error(tmp_path, text_model):
-    result = generate("--model", text_model, "--prompt", "a", "--guidance-scale", "inf", "--output-dir", tmp_path / "o", cwd=tmp_path)
+    result = generate(
+        "--model", text_model, "--prompt", "a", "--guidance-scale", "inf", "--output-dir", tmp_path / "o", cwd=tmp_path
+    )
     assert result.returncode != 0 and "guidance_scale must be a finite" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
 

@@ -1,7 +1,6 @@
 import json
 import logging
 
-from enat_diffusers.conversion import checkpoints as convert
 import numpy as np
 import PIL.Image
 import pytest
@@ -11,6 +10,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 
 from enat_diffusers import ENATPipeline
+from enat_diffusers.conversion import checkpoints as convert
 
 
 FIXTURE_SETTINGS = dict(num_inference_steps=4, guidance_scale=2.0, mask_temperature=0, sampling_temperature=0)

@@ -47,8 +47,13 @@ def test_overwrite_of_the_current_directory_is_refused_and_nothing_is_deleted(wo
     args = ["--transformer-checkpoint", "enat_tiny.pth", "--vqgan-checkpoint", "vqgan_tiny.ckpt", *TINY_ARGS]
     result = convert_in(workdir, *args, "--output-dir", ".", "--overwrite")
     assert result.returncode != 0 and "is or contains the current directory" in result.stderr
-    result = convert_in(workdir / "..", *[a if a not in ("enat_tiny.pth", "vqgan_tiny.ckpt") else workdir / a for a in args],
-                        "--output-dir", workdir, "--overwrite")
+    result = convert_in(
+        workdir / "..",
+        *[a if a not in ("enat_tiny.pth", "vqgan_tiny.ckpt") else workdir / a for a in args],
+        "--output-dir",
+        workdir,
+        "--overwrite",
+    )
     assert result.returncode != 0 and "contains the input" in result.stderr
     assert snapshot(workdir) == before
 
@@ -58,8 +63,12 @@ def test_an_output_folder_containing_the_input_is_refused(workdir):
     shutil.move(workdir / "enat_tiny.pth", workdir / "model" / "enat_tiny.pth")
     before = snapshot(workdir)
     code, stderr = call_converter(
-        "--transformer-checkpoint", workdir / "model" / "enat_tiny.pth", *TINY_ARGS,
-        "--output-dir", workdir / "model", "--overwrite",
+        "--transformer-checkpoint",
+        workdir / "model" / "enat_tiny.pth",
+        *TINY_ARGS,
+        "--output-dir",
+        workdir / "model",
+        "--overwrite",
     )
     assert code != 0 and "contains the input" in stderr
     assert snapshot(workdir) == before
@@ -82,7 +91,10 @@ def test_output_folders_get_the_umask_permissions(workdir):
     old = os.umask(0o022)
     try:
         out = workdir / "converted"
-        assert call_converter("--transformer-checkpoint", workdir / "enat_tiny.pth", *TINY_ARGS, "--output-dir", out)[0] == 0
+        assert (
+            call_converter("--transformer-checkpoint", workdir / "enat_tiny.pth", *TINY_ARGS, "--output-dir", out)[0]
+            == 0
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
@@ -113,7 +125,11 @@ def test_a_failed_save_keeps_the_previous_output(tmp_path):
 
 def test_an_output_parent_that_is_a_file_is_a_clear_error(workdir):
     code, stderr = call_converter(
-        "--transformer-checkpoint", workdir / "enat_tiny.pth", *TINY_ARGS, "--output-dir", workdir / "notes.txt" / "out"
+        "--transformer-checkpoint",
+        workdir / "enat_tiny.pth",
+        *TINY_ARGS,
+        "--output-dir",
+        workdir / "notes.txt" / "out",
     )
     assert code != 0 and "is a file, not a folder" in stderr
 
@@ -121,8 +137,14 @@ def test_an_output_parent_that_is_a_file_is_a_clear_error(workdir):
 @pytest.mark.parametrize("heads", [0, 5, -4])
 def test_bad_head_counts_are_refused(workdir, heads):
     code, stderr = call_converter(
-        "--transformer-checkpoint", workdir / "enat_tiny.pth", "--num-attention-heads", heads,
-        "--num-encoder-layers", 3, "--output-dir", workdir / "out",
+        "--transformer-checkpoint",
+        workdir / "enat_tiny.pth",
+        "--num-attention-heads",
+        heads,
+        "--num-encoder-layers",
+        3,
+        "--output-dir",
+        workdir / "out",
     )
     assert code != 0 and "num-attention-heads" in stderr.replace("_", "-")
     assert not (workdir / "out").exists()
@@ -187,9 +209,15 @@ TEXT_CASES = [
     ("prompt", dict(prompt=[])),
     ("prompt", dict(prompt=123)),
     ("negative_prompt", dict(prompt="a", negative_prompt=5)),
-    ("prompt_embeds", dict(prompt_embeds=torch.full((1, 77, 16), float("nan")), pooled_prompt_embeds=torch.zeros(1, 16))),
+    (
+        "prompt_embeds",
+        dict(prompt_embeds=torch.full((1, 77, 16), float("nan")), pooled_prompt_embeds=torch.zeros(1, 16)),
+    ),
     ("prompt_embeds", dict(prompt_embeds=np.zeros((1, 77, 16)), pooled_prompt_embeds=torch.zeros(1, 16))),
-    ("pooled_prompt_embeds", dict(prompt_embeds=torch.zeros(1, 77, 16), pooled_prompt_embeds=torch.full((1, 16), float("inf")))),
+    (
+        "pooled_prompt_embeds",
+        dict(prompt_embeds=torch.zeros(1, 77, 16), pooled_prompt_embeds=torch.full((1, 16), float("inf"))),
+    ),
     ("guidance_scale", dict(prompt="a", guidance_scale=float("inf"))),
     ("mask_temperature", dict(prompt="a", mask_temperature=float("inf"))),
 ]

@@ -68,7 +68,9 @@ def check_output_dir(output_dir: Path, inputs, overwrite: bool):
             raise CheckpointError(f"{output_dir} exists and is not a folder; --overwrite only replaces folders")
         cwd = Path.cwd().resolve()
         if cwd == target or target in cwd.parents:
-            raise CheckpointError(f"--output-dir {output_dir} is or contains the current directory; refusing to replace it")
+            raise CheckpointError(
+                f"--output-dir {output_dir} is or contains the current directory; refusing to replace it"
+            )
         for path in inputs:
             resolved = Path(path).resolve()
             if target == resolved or target in resolved.parents:

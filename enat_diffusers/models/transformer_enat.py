@@ -123,7 +123,9 @@ class ENATAttnProcessor:
             key = torch.cat([context_key, key], dim=1)  # (B, Nc + N, D)
             value = torch.cat([context_value, value], dim=1)
 
-        query, key, value = (x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value))  # (B, N, H, Dh)
+        query, key, value = (
+            x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value)
+        )  # (B, N, H, Dh)
         hidden_states = dispatch_attention_fn(
             query,
             key,
@@ -169,7 +171,10 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
         matmuls). The separate projections stay; `unfuse_projections` drops the fused ones."""
         if self.fused_projections:
             return
-        for name, parts in (("to_qkv", (self.to_q, self.to_k, self.to_v)), ("to_added_kv", (self.add_k_proj, self.add_v_proj))):
+        for name, parts in (
+            ("to_qkv", (self.to_q, self.to_k, self.to_v)),
+            ("to_added_kv", (self.add_k_proj, self.add_v_proj)),
+        ):
             weight = torch.cat([p.weight for p in parts])
             fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
             fused.weight.copy_(weight)

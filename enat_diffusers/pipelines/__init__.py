@@ -6,5 +6,10 @@ from .pipeline_enat_inpaint import ENATEditingMixin, ENATInpaintPipeline, box_ma
 __all__ = ["ENATPipeline"]
 
 __all__ += [
-    "ENATEditingMixin", "ENATImg2ImgPipeline", "ENATInpaintPipeline", "box_mask", "edit_mask_counts", "outpaint_inputs"
+    "ENATEditingMixin",
+    "ENATImg2ImgPipeline",
+    "ENATInpaintPipeline",
+    "box_mask",
+    "edit_mask_counts",
+    "outpaint_inputs",
 ]

@@ -6,7 +6,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -328,7 +328,11 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 )
             labels = class_labels.reshape(-1).tolist()
         elif isinstance(class_labels, (list, tuple, np.ndarray)):
-            labels = list(np.asarray(class_labels).reshape(-1)) if isinstance(class_labels, np.ndarray) else list(class_labels)
+            labels = (
+                list(np.asarray(class_labels).reshape(-1))
+                if isinstance(class_labels, np.ndarray)
+                else list(class_labels)
+            )
         else:
             labels = [class_labels]
         if not labels:
@@ -424,7 +428,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                             f"{type(callback_outputs).__name__}."
                         )
                     new_latents = self._check_token_ids(
-                        (callback_outputs or {}).get("latents", latents), latents, "`latents` from callback_on_step_end"
+                        (callback_outputs or {}).get("latents", latents),
+                        latents,
+                        "`latents` from callback_on_step_end",
                     )
                     if reuse_state is not None:
                         encoded = ~reuse_state.mask[: latents.shape[0]]  # tokens the state holds features of
@@ -446,7 +452,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             found = type(new_latents).__name__ if not isinstance(new_latents, torch.Tensor) else str(new_latents.dtype)
             raise TypeError(f"{what} must be an integer torch.Tensor of token ids, got {found}.")
         if new_latents.numel() != latents.numel() or new_latents.shape[0] != latents.shape[0]:
-            raise ValueError(f"{what} has shape {tuple(new_latents.shape)}; expected {tuple(latents.shape)} (or the grid shape).")
+            raise ValueError(
+                f"{what} has shape {tuple(new_latents.shape)}; expected {tuple(latents.shape)} (or the grid shape)."
+            )
         new_latents = new_latents.to(device=latents.device, dtype=torch.long).reshape(latents.shape)
         mask_token_id = self.transformer.mask_token_id
         if ((new_latents < 0) | (new_latents > mask_token_id)).any():
@@ -584,35 +592,23 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             mask_temperature=mask_temperature,
             sampling_temperature=sampling_temperature,
         )
-        self._do_classifier_free_guidance = do_cfg = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
+        self._do_classifier_free_guidance = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
         self._guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
         self._num_timesteps = num_inference_steps
         self._interrupt = False
 
         # 2. Conditions: the conditional batch first, the unconditional one second.
-        model_kwargs = {}
-        if self.is_text_to_image:
-            embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(
-                prompt,
-                device,
-                num_images_per_prompt,
-                do_cfg,
-                negative_prompt,
-                prompt_embeds,
-                pooled_prompt_embeds,
-                negative_prompt_embeds,
-                negative_pooled_prompt_embeds,
-            )
-            if do_cfg:
-                embeds, pooled = torch.cat([embeds, negative_embeds]), torch.cat([pooled, negative_pooled])
-            model_kwargs.update(encoder_hidden_states=embeds, pooled_text_embeds=pooled)
-            batch_size = pooled.shape[0] // (2 if do_cfg else 1)
-        else:
-            labels = self._class_labels(prompt, class_labels, device).repeat_interleave(num_images_per_prompt)
-            batch_size = labels.shape[0]
-            if do_cfg:  # the null class is `num_classes`
-                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class_label)])
-            model_kwargs.update(class_labels=labels)
+        model_kwargs, batch_size = self.prepare_condition(
+            prompt,
+            class_labels,
+            num_images_per_prompt,
+            device,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got a list of {len(generator)} generators for {batch_size} images; pass one per image.")
 
@@ -637,6 +633,46 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def prepare_condition(
+        self,
+        prompt,
+        class_labels,
+        num_images_per_prompt: int,
+        device,
+        negative_prompt=None,
+        prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+    ) -> Tuple[Dict[str, torch.Tensor], int]:
+        """The transformer's condition arguments and the number of images: cond rows first, then (with guidance, i.e.
+        when `self._do_classifier_free_guidance`) the unconditional ones (the negative prompt or the null class)."""
+        do_cfg = self._do_classifier_free_guidance
+        model_kwargs = {}
+        if self.is_text_to_image:
+            embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_cfg,
+                negative_prompt,
+                prompt_embeds,
+                pooled_prompt_embeds,
+                negative_prompt_embeds,
+                negative_pooled_prompt_embeds,
+            )
+            batch_size = pooled.shape[0]
+            if do_cfg:
+                embeds, pooled = torch.cat([embeds, negative_embeds]), torch.cat([pooled, negative_pooled])
+            model_kwargs.update(encoder_hidden_states=embeds, pooled_text_embeds=pooled)
+        else:
+            labels = self._class_labels(prompt, class_labels, device).repeat_interleave(num_images_per_prompt)
+            batch_size = labels.shape[0]
+            if do_cfg:
+                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class_label)])
+            model_kwargs.update(class_labels=labels)
+        return model_kwargs, batch_size
 
     def _check_start_latents(self, latents, batch_size) -> torch.LongTensor:
         side = self.transformer.config.sample_size
@@ -675,8 +711,8 @@ def check_components(transformer, scheduler, vqvae):
     codebook_size = transformer.config.codebook_size
     if scheduler.config.mask_token_id != codebook_size:
         raise ValueError(
-            f"The scheduler's mask_token_id is {scheduler.config.mask_token_id} but the transformer's [MASK] id is its "
-            f"codebook_size, {codebook_size}: build the scheduler with mask_token_id={codebook_size}."
+            f"The scheduler's mask_token_id is {scheduler.config.mask_token_id} but the transformer's [MASK] id is "
+            f"its codebook_size, {codebook_size}: build the scheduler with mask_token_id={codebook_size}."
         )
     if vqvae is not None and vqvae.config.num_vq_embeddings != codebook_size:
         raise ValueError(

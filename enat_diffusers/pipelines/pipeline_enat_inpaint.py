@@ -19,7 +19,7 @@ Rules (also in the `__call__` docstrings):
 
 import math
 import numbers
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -301,46 +301,6 @@ class ENATEditingMixin:
         return indices.reshape(pixels.shape[0], side, side).to(device=device, dtype=torch.long)
 
     # -------------------------------------------------------------------------------------------- conditions
-
-    def prepare_condition(
-        self,
-        prompt,
-        class_labels,
-        num_images_per_prompt: int,
-        device,
-        negative_prompt=None,
-        prompt_embeds=None,
-        pooled_prompt_embeds=None,
-        negative_prompt_embeds=None,
-        negative_pooled_prompt_embeds=None,
-    ) -> Tuple[Dict[str, torch.Tensor], int]:
-        """`(model_kwargs, batch_size)` as in `ENATPipeline.__call__`: cond rows first, then (with guidance, i.e.
-        when `self._do_classifier_free_guidance`) the unconditional ones."""
-        do_cfg = self._do_classifier_free_guidance
-        model_kwargs = {}
-        if self.is_text_to_image:
-            embeds, pooled, negative_embeds, negative_pooled = self.encode_prompt(
-                prompt,
-                device,
-                num_images_per_prompt,
-                do_cfg,
-                negative_prompt,
-                prompt_embeds,
-                pooled_prompt_embeds,
-                negative_prompt_embeds,
-                negative_pooled_prompt_embeds,
-            )
-            batch_size = pooled.shape[0]
-            if do_cfg:
-                embeds, pooled = torch.cat([embeds, negative_embeds]), torch.cat([pooled, negative_pooled])
-            model_kwargs.update(encoder_hidden_states=embeds, pooled_text_embeds=pooled)
-        else:
-            labels = self._class_labels(prompt, class_labels, device).repeat_interleave(num_images_per_prompt)
-            batch_size = labels.shape[0]
-            if do_cfg:
-                labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class_label)])
-            model_kwargs.update(class_labels=labels)
-        return model_kwargs, batch_size
 
     # ------------------------------------------------------------------------------------------------ schedule
 

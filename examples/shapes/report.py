@@ -40,15 +40,20 @@ def plot_losses(train_dir: Path, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [("VQ model", train_dir / "vqgan", "train/loss"), ("CLIP text encoder", train_dir / "clip", "train/loss"),
-              ("ENAT transformer", train_dir / "enat-shapes", "train/loss")]
+    stages = [
+        ("VQ model", train_dir / "vqgan", "train/loss"),
+        ("CLIP text encoder", train_dir / "clip", "train/loss"),
+        ("ENAT transformer", train_dir / "enat-shapes", "train/loss"),
+    ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for axis, (title, folder, tag) in zip(axes, stages):
         steps, values = tensorboard_scalars(folder, tag)
         if steps:
             window = max(1, len(values) // 50)
-            smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-                      for i in range(len(values))]
+            smooth = [
+                sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))
+            ]
             axis.plot(steps, values, alpha=0.3, linewidth=0.8)
             axis.plot(steps, smooth, linewidth=1.6)
         axis.set_title(title)
@@ -81,14 +86,20 @@ def main(argv=None):
     held_out = evaluation_prompts(args.num_prompts, seed=0, held_out=True)
     prompts, flags = seen + held_out, [False] * len(seen) + [True] * len(held_out)
     results, lines = {}, []
-    lines.append("| steps | reuse | seen prompts | held-out prompts | seen colour / size / shape / position | s per image |")
+    lines.append(
+        "| steps | reuse | seen prompts | held-out prompts | seen colour / size / shape / position | s per image |"
+    )
     lines.append("|---|---|---|---|---|---|")
     for steps in args.steps:
         for reuse in (True, False):
             start = time.perf_counter()
             with torch.inference_mode():
                 report = evaluator.evaluate_pipeline(
-                    pipe, prompts, held_out=flags, num_inference_steps=steps, batch_size=args.batch_size,
+                    pipe,
+                    prompts,
+                    held_out=flags,
+                    num_inference_steps=steps,
+                    batch_size=args.batch_size,
                     reuse_features=reuse,
                 )
             seconds = (time.perf_counter() - start) / len(prompts)
