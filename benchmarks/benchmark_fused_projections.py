@@ -1,5 +1,5 @@
-"""Does `fuse_qkv_projections()` make ENAT faster? Times one sampling-like forward pass (with a reuse state) of the same
-transformer with separate and with fused projections, interleaved (A, B, A, B, ...), minimum of the repeats.
+"""Does `fuse_qkv_projections()` make ENAT faster? Times one sampling-like forward pass (with a reuse state) of the
+same transformer with separate and with fused projections, interleaved (A, B, A, B, ...), minimum of the repeats.
 
     python benchmarks/benchmark_fused_projections.py [--width 1024 --heads 16 --encoder 22 --decoder 2] [--batch 4]
 
@@ -78,9 +78,8 @@ def main():
             results["fused"] += timed(forward, 1)
 
     a, b = min(results["separate"]), min(results["fused"])
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
         f"model: width {args.width}, {args.encoder}+{args.decoder} layers, batch {args.batch}, {args.dtype}; "
         f"max |logit difference| {difference:.2e}"
