@@ -558,10 +558,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the generated images.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if num_inference_steps is None:
-            num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
+        num_inference_steps, callback_on_step_end_tensor_inputs = self.resolve_defaults(
+            num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt=prompt,
             class_labels=class_labels,
@@ -619,6 +618,32 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             latents = self._check_start_latents(latents, batch_size)
 
         # 4. Decoding loop, then the VQ decoder.
+        return self.sample_and_decode(
+            latents,
+            model_kwargs,
+            batch_size,
+            generator,
+            reuse_features,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            output_type,
+            return_dict,
+        )
+
+    def sample_and_decode(
+        self,
+        latents: torch.LongTensor,
+        model_kwargs,
+        batch_size: int,
+        generator,
+        reuse_features,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        output_type: str,
+        return_dict: bool,
+    ):
+        """The end of every generation and edit: `sample_tokens`, the VQ decoder, offload hooks, the output."""
+        side = self.transformer.config.sample_size
         latents = self.sample_tokens(
             latents,
             model_kwargs,
@@ -628,7 +653,6 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         images = self.decode_tokens(latents.reshape(batch_size, side, side), output_type)
-
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -673,6 +697,15 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 labels = torch.cat([labels, torch.full_like(labels, self.transformer.null_class_label)])
             model_kwargs.update(class_labels=labels)
         return model_kwargs, batch_size
+
+    def resolve_defaults(self, num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """The number of steps (the scheduler's strategy, else 8) and the callback's tensor inputs (its own for a
+        `PipelineCallback`)."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if num_inference_steps is None:
+            num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
+        return num_inference_steps, callback_on_step_end_tensor_inputs
 
     def _check_start_latents(self, latents, batch_size) -> torch.LongTensor:
         side = self.transformer.config.sample_size

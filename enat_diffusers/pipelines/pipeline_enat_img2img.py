@@ -25,7 +25,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
 
 from ..schedulers.scheduling_masked_token import lowest_scores_mask, uniform_noise
-from .pipeline_enat import DEFAULT_NUM_INFERENCE_STEPS, ENATPipeline
+from .pipeline_enat import ENATPipeline
 from .pipeline_enat_inpaint import ENATEditingMixin
 
 
@@ -161,10 +161,9 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the edited images (`output_type="latent"`: token ids
             `(B, h, w)`).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if num_inference_steps is None:
-            num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
+        num_inference_steps, callback_on_step_end_tensor_inputs = self.resolve_defaults(
+            num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt=prompt,
             class_labels=class_labels,
@@ -224,7 +223,7 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
         latents = torch.where(selected, self.transformer.mask_token_id, tokens)
 
         # 3. The shared decoding loop and the VQ decoder.
-        return self._edit(
+        return self.sample_and_decode(
             latents,
             model_kwargs,
             batch_size,

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 
-from .pipeline_enat import DEFAULT_NUM_INFERENCE_STEPS, ENATPipeline
+from .pipeline_enat import ENATPipeline
 
 
 logger = logging.get_logger(__name__)
@@ -361,33 +360,6 @@ class ENATEditingMixin:
             )
         return tokens.expand(num_prompts, -1).repeat_interleave(num_images_per_prompt, dim=0)
 
-    def _edit(
-        self,
-        latents: torch.LongTensor,
-        model_kwargs,
-        batch_size: int,
-        generator,
-        reuse_features,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        output_type: str,
-        return_dict: bool,
-    ):
-        side = self.transformer.config.sample_size
-        latents = self.sample_tokens(
-            latents,
-            model_kwargs,
-            generator=generator,
-            reuse_features=reuse_features,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
-        images = self.decode_tokens(latents.reshape(batch_size, side, side), output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
-
 
 # ---------------------------------------------------------------------------------------------------- pipeline
 
@@ -467,10 +439,9 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
             [`~pipelines.ImagePipelineOutput`] or `tuple`: the edited images (`output_type="latent"`: token ids
             `(B, h, w)`, identical to `encode_image(image)` outside the token mask).
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if num_inference_steps is None:
-            num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
+        num_inference_steps, callback_on_step_end_tensor_inputs = self.resolve_defaults(
+            num_inference_steps, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt=prompt,
             class_labels=class_labels,
@@ -537,7 +508,7 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
         latents = self._expand_images(latents, batch_size, num_images_per_prompt, "image (or mask)")
 
         # 3. The shared decoding loop and the VQ decoder.
-        return self._edit(
+        return self.sample_and_decode(
             latents,
             model_kwargs,
             batch_size,
