@@ -39,8 +39,10 @@ class ENATReuseState(BaseOutput):
             Final hidden states of the text tokens (text-to-image models only).
     """
 
+    # Fields after the first default to None as in every diffusers output, so that `BaseOutput` can be rebuilt from
+    # a dict (accelerate's offload hooks move outputs between devices that way).
     hidden_states: torch.Tensor
-    mask: torch.BoolTensor
+    mask: Optional[torch.BoolTensor] = None
     text_hidden_states: Optional[torch.Tensor] = None
 
 
@@ -55,7 +57,7 @@ class ENATTransformer2DModelOutput(BaseOutput):
     """
 
     logits: torch.Tensor
-    reuse_state: ENATReuseState
+    reuse_state: Optional[ENATReuseState] = None
 
 
 def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -79,6 +81,11 @@ class ENATTokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.norm(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, L, D)
+
+    def codebook_table(self, codebook_size: int, device: torch.device) -> torch.Tensor:
+        """The first `codebook_size` rows of the token table (no [MASK] row), looked up through the embedding module
+        so that module hooks (layerwise casting, group offloading) apply, and detached as in the original."""
+        return self.word_embeddings(torch.arange(codebook_size, device=device)).detach()  # (K, D)
 
 
 class ENATPrevProjection(nn.Module):
@@ -279,7 +286,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ENATBlock"]
     _repeated_blocks = ["ENATBlock"]
-    # Embedding tables stay in the compute dtype: the output head scores against the token embedding table.
+    # Lookup tables (diffusers never casts nn.Embedding), the class embedding and the norms stay in the compute dtype.
     _skip_layerwise_casting_patterns = ["embed", "norm"]
 
     @register_to_config
@@ -446,7 +453,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         hidden_states = torch.zeros_like(ordered).scatter(1, order, ordered)  # (B, L, D)
 
         # 6. Output head, tied to the token embedding ([MASK] row excluded; the original detaches the table).
-        word_embeddings = self.embed.word_embeddings.weight[: self.config.codebook_size].detach()
+        word_embeddings = self.embed.codebook_table(self.config.codebook_size, hidden_states.device)
         logits = self.mlm_head(self.norm_out(hidden_states), word_embeddings)  # (B, L, K)
 
         text_states = text_states if self.config.text_embed_dim is not None else None
