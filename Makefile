@@ -52,9 +52,9 @@ SHAPES_TRAIN := $(TRAIN_DIR)/data/train
 SHAPES_VAL := $(TRAIN_DIR)/data/validation
 ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder_name_or_path $(TRAIN_DIR)/clip \
 	--transformer_config examples/shapes/transformer_config.json --train_data_dir $(SHAPES_TRAIN) --no_random_flip \
-	--output_dir $(TRAIN_DIR)/enat-shapes --train_batch_size 64 --max_train_steps 900 --learning_rate 1e-3 \
-	--lr_warmup_steps 100 --ema_decay 0.995 --checkpointing_steps 100 --checkpoints_total_limit 2 \
-	--validation_steps 300 --seed 0 --report_to tensorboard --validation_prompts \
+	--output_dir $(TRAIN_DIR)/enat-shapes --train_batch_size 64 --max_train_steps 2600 --learning_rate 1e-3 \
+	--lr_scheduler cosine --lr_warmup_steps 100 --adam_beta1 0.9 --ema_decay 0.995 --checkpointing_steps 100 \
+	--checkpoints_total_limit 2 --validation_steps 650 --seed 0 --report_to tensorboard --validation_prompts \
 	"a large red circle on the left and a small blue square on the right" "a small yellow triangle at the top" \
 	"a large purple triangle in the centre" "a small green square at the bottom and a large blue circle at the top"
 
@@ -93,9 +93,9 @@ $(SHAPES_TRAIN)/metadata.jsonl: | $(VENV)/.installed
 $(TRAIN_DIR)/vqgan/vqvae/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 	$(ACCELERATE) examples/train_vqgan.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
 		--output_dir $(TRAIN_DIR)/vqgan --resolution 64 --block_out_channels 16 32 32 --layers_per_block 1 \
-		--norm_num_groups 8 --latent_channels 16 --vq_embed_dim 16 --num_vq_embeddings 256 --train_batch_size 16 \
-		--max_train_steps 1500 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
-		--quantizer_warmup_steps 150 --codebook_restart_steps 25 --checkpointing_steps 250 --seed 0 \
+		--norm_num_groups 8 --latent_channels 16 --vq_embed_dim 16 --num_vq_embeddings 32 --train_batch_size 16 \
+		--max_train_steps 1200 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
+		--quantizer_warmup_steps 150 --codebook_restart_steps 25 --checkpointing_steps 400 --seed 0 \
 		--resume_from_checkpoint latest
 
 $(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
