@@ -43,9 +43,9 @@ DEMO_CONDITION := --class-labels 1 4 9
 endif
 CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-encoder-layers 3,--preset $(PRESET))
 
-# `make train-demo`: data -> VQ model -> CLIP text encoder -> ENAT -> ShapesEval, into $(TRAIN_DIR). Every stage
-# resumes from its last checkpoint when interrupted; a finished stage is skipped. Copy the result over the shipped
-# model with `make install-demo-model`.
+# `make train-demo`: data -> VQ model -> CLIP text encoder -> ENAT -> sampling sweep -> ShapesEval, into
+# $(TRAIN_DIR). Every stage resumes from its last checkpoint when interrupted; a finished stage is skipped. Copy the
+# result over the shipped model with `make install-demo-model`.
 TRAIN_DIR ?= outputs/train-demo
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no
 SHAPES_TRAIN := $(TRAIN_DIR)/data/train
@@ -108,7 +108,12 @@ $(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 $(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json
 	$(ACCELERATE) examples/train_enat.py $(ENAT_SHAPES_ARGS) --resume_from_checkpoint latest
 
-$(TRAIN_DIR)/enat-shapes/shapes_eval.json: $(TRAIN_DIR)/enat-shapes/model_index.json
+# the sampling defaults (guidance, temperatures) chosen by ShapesEval on other prompts than the reported ones
+$(TRAIN_DIR)/enat-shapes/sampling_sweep.json: $(TRAIN_DIR)/enat-shapes/model_index.json
+	$(PY) examples/shapes/sampling_sweep.py --model $(TRAIN_DIR)/enat-shapes --json $@.tmp --write-best
+	mv $@.tmp $@
+
+$(TRAIN_DIR)/enat-shapes/shapes_eval.json: $(TRAIN_DIR)/enat-shapes/sampling_sweep.json
 	$(PY) -m enat_diffusers.evaluation.shapes --model $(TRAIN_DIR)/enat-shapes --num-prompts 500 --steps 8 --json > $@.tmp
 	mv $@.tmp $@
 
