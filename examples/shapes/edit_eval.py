@@ -87,7 +87,8 @@ def inpaint_right_half(pipe, evaluator, num: int, seed: int, batch_size: int, st
 
 def shade(image, mask):
     """`image` with the region to regenerate (white in `mask`) tinted dark grey."""
-    return PIL.Image.composite(PIL.Image.blend(image, PIL.Image.new("RGB", image.size, (60, 60, 60)), 0.7), image, mask)
+    dark = PIL.Image.blend(image, PIL.Image.new("RGB", image.size, (60, 60, 60)), 0.7)
+    return PIL.Image.composite(dark, image, mask)
 
 
 def recolour_first(objects) -> list:
