@@ -14,10 +14,10 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
 
-# `make demo` generates with the text-to-image model of pretrained/enat-shapes once it ships (`make train-demo` trains
-# it; until then, and with no checkpoints given, the demo runs every stage on the tiny random-weight original-format
-# fixture checkpoints of tests/fixtures: their images are noise). With the released ImageNet checkpoints it converts
-# them first (again whenever they change):
+# `make demo` generates with the shipped text-to-image model, pretrained/enat-shapes (`make train-demo` trains it; if
+# the folder is missing, the demo runs every stage on the tiny random-weight original-format fixture checkpoints of
+# tests/fixtures instead: their images are noise). With the released ImageNet checkpoints it converts them first
+# (again whenever they change):
 #     make demo TRANSFORMER_CKPT=nnet_ema.pth VQGAN_CKPT=vqgan_jax_strongaug.ckpt [PRESET=enat-l-256]
 TRANSFORMER_CKPT ?=
 VQGAN_CKPT ?=
@@ -58,7 +58,7 @@ ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder
 	"a large red circle on the left and a small blue square on the right" "a small yellow triangle at the top" \
 	"a large purple triangle in the centre" "a small green square at the bottom and a large blue circle at the top"
 
-.PHONY: test demo train-demo install-demo-model space bench style quality
+.PHONY: test demo train-demo install-demo-model space style quality
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -76,8 +76,8 @@ test: $(VENV)/.space-installed
 demo: $(VENV)/.installed $(DEMO_MODEL)/model_index.json
 	$(PY) examples/generate.py --model $(DEMO_MODEL) $(DEMO_CONDITION) --output-dir outputs/demo --overwrite
 ifeq ($(PRESET),tiny)
-	@echo "note: pretrained/enat-shapes is not trained yet, so this ran every stage on a tiny random-weight model"
-	@echo "      (noise images); make train-demo trains the text-to-image model that will ship there."
+	@echo "note: pretrained/enat-shapes is missing, so this ran every stage on a tiny random-weight model (noise"
+	@echo "      images); make train-demo && make install-demo-model recreate the shipped text-to-image model."
 endif
 
 outputs/converted/%/model_index.json: $(TRANSFORMER_CKPT) $(VQGAN_CKPT) | $(VENV)/.installed

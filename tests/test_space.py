@@ -116,6 +116,9 @@ def test_model_id_default_env_and_missing(app, text_model_dir, monkeypatch):
         app.load_pipeline(str(ROOT / "no-such-dir" / "enat-shapes"))
     with pytest.raises(FileNotFoundError, match="no model_index.json"):
         app.load_pipeline(str(text_model_dir / "transformer"))
+    # the page names a local folder by its last two parts, never by where the server keeps it
+    assert app.display_name(str(text_model_dir)) == f"{text_model_dir.parent.name}/{text_model_dir.name}"
+    assert app.display_name("org/enat-l-256") == "org/enat-l-256"
 
 
 def test_text_generate(app, text_demo):
@@ -320,6 +323,7 @@ def test_browser(text_server, browser_model_dir, tmp_path):
             expect(page.locator("#enat-gallery img")).to_have_count(4, timeout=10_000)
             expect(page.locator("#enat-reveal img")).to_be_visible(timeout=10_000)
             assert ".gif" in page.locator("#enat-reveal img").get_attribute("src")
+            assert str(browser_model_dir.resolve().parent.parent) not in page.content()
             expect(page.locator("#enat-step-frame img")).to_be_visible()
             expect(page.locator("#enat-stats")).to_contain_text("GFLOPs")
             expect(page.locator("#enat-stats")).to_contain_text("held-out")

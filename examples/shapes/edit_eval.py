@@ -153,8 +153,8 @@ def main(argv=None):
 
     lines = [
         f"Inpainting the right half ({args.num_images} scenes, {args.steps} steps): ShapesEval on the full caption "
-        f"{100 * inpaint_row['all']:.1f} % (new object of a seen pair "
-        f"{100 * (inpaint_row['seen'] or 0):.1f} %, of a held-out pair {100 * (inpaint_row['held_out'] or 0):.1f} %)",
+        f"{100 * inpaint_row['all']:.1f} % (seen captions {100 * (inpaint_row['seen'] or 0):.1f} %, captions with a "
+        f"held-out pair {100 * (inpaint_row['held_out'] or 0):.1f} %)",
         "",
         "| img2img remask | strength | original caption holds | new caption (first object recoloured) holds |",
         "|---|---|---|---|",

@@ -41,8 +41,8 @@ def plot_losses(train_dir: Path, path: Path):
     import matplotlib.pyplot as plt
 
     stages = [
-        ("VQ model", train_dir / "vqgan", "train/loss"),
-        ("CLIP text encoder", train_dir / "clip", "train/loss"),
+        ("VQ model", train_dir / "vqgan", "loss"),
+        ("CLIP text encoder", train_dir / "clip", "loss"),
         ("ENAT transformer", train_dir / "enat-shapes", "train/loss"),
     ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))

@@ -119,6 +119,15 @@ def default_model_id() -> str:
     return str(APP_DIR / SHIPPED_MODEL)
 
 
+def display_name(model_id: str) -> str:
+    """What the page calls the model: a hub id as is; a local folder by its last two path parts (the page never shows
+    where the server keeps its files)."""
+    if not model_id:
+        return "ENAT"
+    path = Path(model_id).expanduser()
+    return "/".join(path.parts[-2:]) if path.exists() else model_id
+
+
 def _looks_like_path(model_id: str) -> bool:
     return (
         model_id.startswith((".", "/", "~", "\\")) or model_id.count("/") != 1 or os.sep != "/" and os.sep in model_id
@@ -540,7 +549,7 @@ class EnatDemo:
                 "# ENAT: masked-token image generation\n"
                 "Every image starts as a grid of [MASK] tokens; each step predicts all of them and keeps the most "
                 "confident, and with **feature reuse** only the newly revealed tokens are encoded again. "
-                f"Model `{html.escape(self.model_id or 'ENAT')}` · {kind} · {self.resolution}×{self.resolution} "
+                f"Model `{html.escape(display_name(self.model_id))}` · {kind} · {self.resolution}×{self.resolution} "
                 f"({self.side}×{self.side} tokens).",
                 elem_id="enat-header",
             )

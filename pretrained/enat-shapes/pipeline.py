@@ -1,0 +1,1 @@
+from enat_diffusers import ENATPipeline  # noqa: F401
