@@ -58,7 +58,7 @@ ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder
 	"a large red circle on the left and a small blue square on the right" "a small yellow triangle at the top" \
 	"a large purple triangle in the centre" "a small green square at the bottom and a large blue circle at the top"
 
-.PHONY: test demo train-demo install-demo-model space style quality
+.PHONY: test demo train-demo install-demo-model space bench style quality
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -133,6 +133,13 @@ $(VENV)/.space-installed: $(VENV)/.installed examples/spaces/requirements.txt
 
 space: $(VENV)/.space-installed
 	$(PY) examples/spaces/app.py --host 127.0.0.1 --port $(SPACE_PORT)
+
+# CPU benchmarks, each variant timed side by side (interleaved) in one run: ENAT-L-256 sampling (random weights with
+# the released checkpoint's shapes, float32, batch 1; the original's computation vs ours, reuse on and off, after a
+# correctness gate against the recorded original ids), then editing vs generating with the shipped Shapes model.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/benchmark_sampling.py --model enat-l-256 --dtype float32 --batch-size 1
+	$(PY) benchmarks/benchmark_editing.py --model pretrained/enat-shapes --repeats 5
 
 style: $(VENV)/.installed
 	$(PY) -m pip install -q ruff

@@ -1,5 +1,8 @@
 """examples/generate.py: files named safely, written only into --output-dir, existing files checked first."""
 
+import contextlib
+import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -27,12 +30,29 @@ def generate(*args, cwd):
     return subprocess.run([sys.executable, str(GENERATE), *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
-def test_prompts_never_become_paths(tmp_path, text_model):
+def generate_here(*args, cwd, monkeypatch) -> (int, str):
+    """examples/generate.py's `main` in this process, run from `cwd`: (exit code, stderr with the exit message)."""
+    spec = importlib.util.spec_from_file_location("enat_generate_example", GENERATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(cwd)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            module.main([str(arg) for arg in args])
+        except SystemExit as exit:
+            message = exit.code if isinstance(exit.code, str) else ""
+            return (1 if message else exit.code or 0), stderr.getvalue() + message
+    return 0, stderr.getvalue()
+
+
+def test_prompts_never_become_paths(tmp_path, text_model, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     prompts = ["x/../../escaped", "a/b", "../up"]
-    result = generate("--model", text_model, "--prompt", *prompts, "--steps", 2, "--output-dir", "out", cwd=work)
-    assert result.returncode == 0, result.stderr
+    args = ("--model", text_model, "--prompt", *prompts, "--steps", 2, "--output-dir", "out")
+    code, stderr = generate_here(*args, cwd=work, monkeypatch=monkeypatch)
+    assert code == 0, stderr
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert all(str(p).startswith("work/out/") for p in written), written
     out = work / "out"
@@ -52,8 +72,9 @@ def test_prompts_never_become_paths(tmp_path, text_model):
 
     # a second run is refused before generating, and nothing changes
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = generate("--model", text_model, "--prompt", "new", "--steps", 2, "--output-dir", "out", cwd=work)
-    assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+    args = ("--model", text_model, "--prompt", "new", "--steps", 2, "--output-dir", "out")
+    code, stderr = generate_here(*args, cwd=work, monkeypatch=monkeypatch)
+    assert code != 0 and "exists; pass --overwrite" in stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -5,14 +5,12 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONVERTER, FIXTURES, call_converter, tiny_class_pipeline, tiny_text_pipeline
+from conftest import FIXTURES, call_converter, tiny_class_pipeline, tiny_text_pipeline
 from diffusers.utils import logging as diffusers_logging
 
 from enat_diffusers.conversion import checkpoints as convert
@@ -35,26 +33,19 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def convert_in(cwd, *args):
-    return subprocess.run([sys.executable, str(CONVERTER), *map(str, args)], cwd=cwd, capture_output=True, text=True)
-
-
 # ------------------------------------------------------------------------------------------------- the converter
 
 
-def test_overwrite_of_the_current_directory_is_refused_and_nothing_is_deleted(workdir):
+def test_overwrite_of_the_current_directory_is_refused_and_nothing_is_deleted(workdir, monkeypatch):
     before = snapshot(workdir)
     args = ["--transformer-checkpoint", "enat_tiny.pth", "--vqgan-checkpoint", "vqgan_tiny.ckpt", *TINY_ARGS]
-    result = convert_in(workdir, *args, "--output-dir", ".", "--overwrite")
-    assert result.returncode != 0 and "is or contains the current directory" in result.stderr
-    result = convert_in(
-        workdir / "..",
-        *[a if a not in ("enat_tiny.pth", "vqgan_tiny.ckpt") else workdir / a for a in args],
-        "--output-dir",
-        workdir,
-        "--overwrite",
-    )
-    assert result.returncode != 0 and "contains the input" in result.stderr
+    monkeypatch.chdir(workdir)
+    code, stderr = call_converter(*args, "--output-dir", ".", "--overwrite")
+    assert code != 0 and "is or contains the current directory" in stderr
+    monkeypatch.chdir(workdir / "..")
+    inputs = [a if a not in ("enat_tiny.pth", "vqgan_tiny.ckpt") else workdir / a for a in args]
+    code, stderr = call_converter(*inputs, "--output-dir", workdir, "--overwrite")
+    assert code != 0 and "contains the input" in stderr
     assert snapshot(workdir) == before
 
 
