@@ -21,15 +21,15 @@ evaluated on held-out images through the token-id path the pipeline uses (MSE, P
 Data: `--train_data_dir` is searched recursively for images (an HF `imagefolder` with a `metadata.jsonl` works as
 is; the captions are ignored). Files that cannot be read as images are skipped with a warning naming each of them.
 
-Recommended for the Shapes data set: 64x64 images -> 16x16 tokens, 32 codes, 244 k parameters (a 1.0 MB `vqvae/`).
-Keep the codebook small when the images are simple: every code is kept in use (k-means initialisation, restarts),
-so spare codes split the flat background by its surroundings, and the token a generator must predict for plain
-background becomes a guess among many equivalent ids. Measured on Shapes validation images (patches whose 20x20 px
-neighbourhood is all background): 256 codes put that background on 80 codes (entropy 3.6 nats; 2.6 nats even given
-the token's position), 32 codes on 14 (2.1 nats; 0.8 given the position), while reconstructions still pass ShapesEval
-on every image (PSNR 29 dB). A step (batch 16) costs about 0.5 s of one CPU core, so 1200 steps take roughly 8-12
-minutes on 2 cores. Check the colours in `validation_reconstructions.png`: they are the last thing a VQ model gets
-right.
+Recommended for the Shapes data set: 64x64 images -> 16x16 tokens, 32 codes, 240 k parameters (a 1.0 MB `vqvae/`). Keep
+the codebook small when the images are simple: every code is kept in use (k-means initialisation, restarts), so spare
+codes split the flat background by its surroundings, and the token a generator must predict for plain background
+becomes a guess among many equivalent ids. Measured on Shapes validation images (patches whose 20x20 px neighbourhood
+is all background): 256 codes put that background on 80 codes (entropy 3.6 nats; 2.6 nats even given the token's
+position), 32 codes on 14 (2.1 nats; 0.8 given the position), while reconstructions still pass ShapesEval on every
+image (PSNR 29 dB); `examples/shapes/tokenizer_report.py` measures this. The 1200 steps (batch 16) took 13 minutes on one
+CPU thread, with another training job on the second core. Check the colours in `validation_reconstructions.png`: they
+are the last thing a VQ model gets right.
 
     accelerate launch examples/train_vqgan.py \\
         --train_data_dir shapes/train --output_dir vqgan-shapes \\

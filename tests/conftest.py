@@ -27,19 +27,24 @@ def run_converter(*args):
     return subprocess.run([sys.executable, str(CONVERTER), *map(str, args)], capture_output=True, text=True)
 
 
-def call_converter(*args) -> (int, str):
-    """Runs the conversion CLI's `main` in this process; returns (exit code, stderr including the exit message)."""
-    from enat_diffusers.conversion import cli
-
+def call_main(main, *args) -> (int, str):
+    """Runs a CLI's `main(argv)` in this process; returns (exit code, stderr including the exit message)."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         try:
-            cli.main([str(arg) for arg in args])
+            main([str(arg) for arg in args])
         except SystemExit as exit:
             if isinstance(exit.code, str):
                 return 1, stderr.getvalue() + exit.code
             return exit.code or 0, stderr.getvalue()
     return 0, stderr.getvalue()
+
+
+def call_converter(*args) -> (int, str):
+    """Runs the conversion CLI's `main` in this process; returns (exit code, stderr including the exit message)."""
+    from enat_diffusers.conversion import cli
+
+    return call_main(cli.main, *args)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,13 @@
 """examples/generate.py: files named safely, written only into --output-dir, existing files checked first."""
 
-import contextlib
 import importlib.util
-import io
 import json
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, tiny_class_pipeline, tiny_text_pipeline
+from conftest import ROOT, call_main, tiny_class_pipeline, tiny_text_pipeline
 
 from enat_diffusers.visualization import RevealRecorder, captioned_grid
 
@@ -30,14 +28,7 @@ def generate_here(*args, cwd, monkeypatch) -> (int, str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.chdir(cwd)
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            module.main([str(arg) for arg in args])
-        except SystemExit as exit:
-            message = exit.code if isinstance(exit.code, str) else ""
-            return (1 if message else exit.code or 0), stderr.getvalue() + message
-    return 0, stderr.getvalue()
+    return call_main(module.main, *args)
 
 
 def test_prompts_never_become_paths(tmp_path, text_model, monkeypatch):

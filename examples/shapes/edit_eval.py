@@ -48,10 +48,6 @@ def scenes_with(num: int, seed: int, keep) -> list:
     return scenes
 
 
-def generators(num: int, seed: int) -> list:
-    return [torch.Generator().manual_seed(seed + i) for i in range(num)]
-
-
 def batched(pipe_call, items: list, batch_size: int, seed: int, **kwargs) -> list:
     """Runs `pipe_call(prompt=..., image=..., [mask_image=...])` over `items` (dicts of per-image inputs) in batches;
     image `i` always uses the generator seeded `seed + i`."""
