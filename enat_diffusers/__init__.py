@@ -12,6 +12,7 @@ from .models.transformer_enat import (
     ENATTransformer2DModel,
     ENATTransformer2DModelOutput,
 )
+from .models.transformer_nat import NATTransformer2DModel, NATTransformer2DModelOutput
 from .pipelines.pipeline_enat import ENATPipeline
 from .pipelines.pipeline_enat_img2img import ENATImg2ImgPipeline
 from .pipelines.pipeline_enat_inpaint import ENATInpaintPipeline, box_mask, edit_mask_counts, outpaint_inputs
@@ -28,6 +29,8 @@ __all__ = [
     "ENATTransformer2DModelOutput",
     "MaskedTokenScheduler",
     "MaskedTokenSchedulerOutput",
+    "NATTransformer2DModel",
+    "NATTransformer2DModelOutput",
     "build_clip_tokenizer",
 ]
 __all__ += ["ENATImg2ImgPipeline", "ENATInpaintPipeline", "box_mask", "edit_mask_counts", "outpaint_inputs"]

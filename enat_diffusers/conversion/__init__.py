@@ -1,4 +1,4 @@
-"""Conversion of the original ENAT checkpoints (key maps, loaders) and the conversion CLI."""
+"""Conversion of the original ENAT and AutoNAT checkpoints (key maps, loaders) and the conversion CLI."""
 
 from .checkpoints import (
     PRESETS,
@@ -6,8 +6,10 @@ from .checkpoints import (
     build_pipeline,
     build_transformer,
     build_vqvae,
+    convert_nat_state_dict,
     convert_transformer_state_dict,
     convert_vqgan_state_dict,
+    is_autonat_checkpoint,
     load_original_checkpoint,
 )
 
@@ -18,7 +20,9 @@ __all__ = [
     "build_pipeline",
     "build_transformer",
     "build_vqvae",
+    "convert_nat_state_dict",
     "convert_transformer_state_dict",
     "convert_vqgan_state_dict",
+    "is_autonat_checkpoint",
     "load_original_checkpoint",
 ]

@@ -1,8 +1,10 @@
 # Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
 """
-Key maps and loaders of the original ENAT checkpoints (github.com/LeapLabTHU/ENAT): the transformer (`DiT` of
-`libs/models.py`) and the VQGAN tokenizer (taming's MaskGIT-JAX variant) onto `ENATTransformer2DModel` and diffusers'
-`VQModel`. Everything but the head count and the encoder/decoder split is read from the checkpoint shapes.
+Key maps and loaders of the original checkpoints: ENAT's transformer (github.com/LeapLabTHU/ENAT, `DiT` of
+`libs/models.py`) onto `ENATTransformer2DModel`, AutoNAT's (github.com/LeapLabTHU/ImprovedNAT, `UViT` of
+`libs/nat_model.py`) onto `NATTransformer2DModel`, and their VQGAN tokenizer (taming's MaskGIT-JAX variant) onto
+diffusers' `VQModel`. Everything but the head count (and ENAT's encoder/decoder split) is read from the checkpoint
+shapes.
 """
 
 import json
@@ -10,26 +12,77 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import VQModel
 
 from ..models.transformer_enat import ENATTransformer2DModel
+from ..models.transformer_nat import NATTransformer2DModel
 from ..pipelines.pipeline_enat import ENATPipeline
 from ..schedulers.scheduling_masked_token import MaskedTokenScheduler
 
 
+# AutoNAT-L's searched 8-step generation strategy (ImprovedNAT `configs/AutoNAT_L-T8_strategy.yaml`).
+AUTONAT_L_T8_STRATEGY = {
+    "mask_ratios": [
+        0.9531645174140464,
+        0.8795409806037042,
+        0.7940230737075623,
+        0.745995860948045,
+        0.6249785820461957,
+        0.407321956652571,
+        0.260658917067054,
+    ],
+    "mask_temperatures": [
+        2.404912789740805,
+        2.477616274962803,
+        1.191696577294597,
+        0.7685444738649722,
+        1.0673489052089495,
+        0.9353720330515827,
+        0.7843839537838292,
+    ],
+    "sampling_temperatures": [
+        2.8999037830310685,
+        1.867261830931786,
+        1.1443729673819831,
+        1.3796334226014182,
+        1.4699896959810144,
+        1.3760684112198358,
+        1.7082165405200722,
+        0.7133060703601533,
+    ],
+    "guidance_scales": [
+        0.0001,
+        0.0001,
+        0.0001,
+        0.9151274967591447,
+        1.6160182878189675,
+        1.1945509026838659,
+        1.38322370140345,
+        1.22678520936251,
+    ],
+}
+
 # Released checkpoints: the architecture not stored in the file, and the README's sampling settings.
 PRESETS = {
+    "autonat-l-256": {
+        "family": "autonat",
+        "num_attention_heads": 8,
+        "sample_size": 16,
+        "scheduler": AUTONAT_L_T8_STRATEGY,
+    },
     "enat-l-256": {
+        "family": "enat",
         "num_attention_heads": 16,
         "num_encoder_layers": 22,
         "sample_size": 16,
         "scheduler": {"guidance_scale": 2.5, "mask_temperature": 1.5, "sampling_temperature": 6.0},
     },
     "enat-l-512": {
+        "family": "enat",
         "num_attention_heads": 16,
         "num_encoder_layers": 22,
         "sample_size": 32,
@@ -240,6 +293,132 @@ def convert_transformer_state_dict(original: Dict[str, torch.Tensor], num_encode
     return converted
 
 
+# ----------------------------------------------------------------------------------------------- AutoNAT transformer
+
+NAT_RENAMES = {
+    "token_emb.word_embeddings.weight": "embed.word_embeddings.weight",
+    "token_emb.position_embeddings.weight": "embed.position_embeddings.weight",
+    "token_emb.LayerNorm.weight": "embed.norm.weight",
+    "token_emb.LayerNorm.bias": "embed.norm.bias",
+    "context_embed.word_embeddings.weight": "class_embed.word_embeddings.weight",
+    "context_embed.position_embeddings.weight": "class_embed.position_embeddings.weight",
+    "context_embed.LayerNorm.weight": "class_embed.norm.weight",
+    "context_embed.LayerNorm.bias": "class_embed.norm.bias",
+    "norm.weight": "norm_out.weight",
+    "norm.bias": "norm_out.bias",
+    "mlm_layer.fc.weight": "mlm_head.dense.weight",
+    "mlm_layer.fc.bias": "mlm_head.dense.bias",
+    "mlm_layer.ln.weight": "mlm_head.norm.weight",
+    "mlm_layer.ln.bias": "mlm_head.norm.bias",
+}
+
+# U-ViT block (timm-style) -> diffusers `BasicTransformerBlock`; the fused `attn.qkv` is split into q, k, v.
+NAT_BLOCK_RENAMES = {
+    "norm1": "norm1",
+    "attn.proj": "attn1.to_out.0",
+    "norm2": "norm3",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+}
+
+
+def is_autonat_checkpoint(state_dict) -> bool:
+    """AutoNAT's U-ViT has `in_blocks.*`/`mid_block.*`/`out_blocks.*`; ENAT's DiT has `blocks.*`."""
+    return any(key.startswith(("in_blocks.", "mid_block.", "out_blocks.")) for key in state_dict)
+
+
+def nat_config_from_state_dict(state_dict, num_attention_heads: int) -> dict:
+    """The `NATTransformer2DModel` config of an original AutoNAT checkpoint; shapes give all but the heads."""
+    vocab_size, hidden_size = _require(state_dict, "token_emb.word_embeddings.weight", 2)
+    num_positions = _require(state_dict, "token_emb.position_embeddings.weight", 2)[0]
+    num_labels = _require(state_dict, "context_embed.word_embeddings.weight", 2)[0]
+    mlp_hidden = _require(state_dict, "mid_block.mlp.fc1.weight", 2)[0]
+    num_in = len({int(m.group(1)) for k in state_dict if (m := re.match(r"in_blocks\.(\d+)\.", k))})
+    side = math.isqrt(num_positions)
+    if side * side != num_positions:
+        raise CheckpointError(f"position embedding has {num_positions} rows, not a square token grid")
+    if not isinstance(num_attention_heads, int) or num_attention_heads < 1 or hidden_size % num_attention_heads:
+        raise CheckpointError(
+            f"num_attention_heads must be a positive divisor of the checkpoint's hidden size {hidden_size}, "
+            f"got {num_attention_heads}"
+        )
+    if num_labels < 2:
+        raise CheckpointError(f"the class embedding has {num_labels} rows: no room for a class and the null class")
+    return {
+        "sample_size": side,
+        "codebook_size": vocab_size - 1,  # last row is [MASK]
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": 2 * num_in,
+        "mlp_ratio": mlp_hidden / hidden_size,
+        "num_classes": num_labels - 1,  # last row is the null class
+    }
+
+
+def expected_nat_shapes(config: dict) -> Dict[str, tuple]:
+    """Key -> shape of an original AutoNAT `UViT` checkpoint with this config (no qkv bias, long skips)."""
+    d, k, c = config["hidden_size"], config["codebook_size"], config["num_classes"]
+    mlp = int(d * config["mlp_ratio"])
+    shapes = {
+        "token_emb.word_embeddings.weight": (k + 1, d),
+        "token_emb.position_embeddings.weight": (config["sample_size"] ** 2, d),
+        "context_embed.word_embeddings.weight": (c + 1, d),
+        "context_embed.position_embeddings.weight": (1, d),
+        "mlm_layer.fc.weight": (d, d),
+        "mlm_layer.bias": (1, 1, k + 1),
+    }
+    for name in ("token_emb.LayerNorm", "context_embed.LayerNorm", "norm", "mlm_layer.ln"):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (d,)
+    shapes["mlm_layer.fc.bias"] = (d,)
+    half = config["num_layers"] // 2
+    blocks = [f"in_blocks.{i}" for i in range(half)] + ["mid_block"] + [f"out_blocks.{i}" for i in range(half)]
+    for prefix in blocks:
+        shapes.update(
+            {
+                f"{prefix}.norm1.weight": (d,),
+                f"{prefix}.norm1.bias": (d,),
+                f"{prefix}.attn.qkv.weight": (3 * d, d),
+                f"{prefix}.attn.proj.weight": (d, d),
+                f"{prefix}.attn.proj.bias": (d,),
+                f"{prefix}.norm2.weight": (d,),
+                f"{prefix}.norm2.bias": (d,),
+                f"{prefix}.mlp.fc1.weight": (mlp, d),
+                f"{prefix}.mlp.fc1.bias": (mlp,),
+                f"{prefix}.mlp.fc2.weight": (d, mlp),
+                f"{prefix}.mlp.fc2.bias": (d,),
+            }
+        )
+        if prefix.startswith("out_blocks"):
+            shapes[f"{prefix}.skip_linear.weight"] = (d, 2 * d)
+            shapes[f"{prefix}.skip_linear.bias"] = (d,)
+    return shapes
+
+
+def convert_nat_state_dict(original: Dict[str, torch.Tensor]) -> dict:
+    """Maps original AutoNAT `UViT` keys to `NATTransformer2DModel` keys (pure; the layout is checked by
+    `check_layout`)."""
+    converted = {}
+    for key, value in original.items():
+        if key in NAT_RENAMES:
+            converted[NAT_RENAMES[key]] = value
+        elif key == "mlm_layer.bias":
+            converted["mlm_head.bias"] = value.reshape(-1)[:-1]  # the [MASK] logit is never produced
+        elif match := re.fullmatch(r"out_blocks\.(\d+)\.skip_linear\.(weight|bias)", key):
+            converted[f"skip_projections.{match.group(1)}.{match.group(2)}"] = value
+        elif match := re.fullmatch(r"((?:in|out)_blocks\.\d+|mid_block)\.(.+)\.(weight|bias)", key):
+            prefix, name, kind = match.groups()
+            if name == "attn.qkv" and kind == "weight":  # [q | k | v] along the output dim
+                for part, tensor in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+                    converted[f"{prefix}.attn1.{part}.weight"] = tensor
+            elif name in NAT_BLOCK_RENAMES:
+                converted[f"{prefix}.{NAT_BLOCK_RENAMES[name]}.{kind}"] = value
+            else:
+                raise CheckpointError(f"unexpected key '{key}' in the AutoNAT checkpoint")
+        else:
+            raise CheckpointError(f"unexpected key '{key}' in the AutoNAT checkpoint")
+    return converted
+
+
 # ------------------------------------------------------------------------------------------------------------ VQGAN
 
 
@@ -430,8 +609,27 @@ def convert_vqgan_state_dict(original: Dict[str, torch.Tensor]) -> dict:
 # ---------------------------------------------------------------------------------------------------------- loading
 
 
-def build_transformer(original, num_attention_heads: int, num_encoder_layers: int) -> ENATTransformer2DModel:
-    """An `ENATTransformer2DModel` with the weights of an original checkpoint (strictly checked and loaded)."""
+def build_transformer(
+    original, num_attention_heads: int, num_encoder_layers: Optional[int] = None
+) -> Union[ENATTransformer2DModel, NATTransformer2DModel]:
+    """The model of an original checkpoint with its weights (strictly checked and loaded): an
+    `ENATTransformer2DModel` for ENAT checkpoints (they need `num_encoder_layers`), a `NATTransformer2DModel` for
+    AutoNAT ones (recognised by their keys; they have no encoder/decoder split)."""
+    if is_autonat_checkpoint(original):
+        if num_encoder_layers is not None:
+            raise CheckpointError(
+                "this is an AutoNAT checkpoint (U-ViT keys in_blocks/mid_block/out_blocks): it has no encoder/decoder "
+                "split, so num_encoder_layers does not apply"
+            )
+        config = nat_config_from_state_dict(original, num_attention_heads)
+        check_layout(original, expected_nat_shapes(config), "AutoNAT")
+        check_values(original, "AutoNAT")
+        with init_empty_weights():
+            model = NATTransformer2DModel(**config)
+        model.load_state_dict(convert_nat_state_dict(original), strict=True, assign=True)
+        return model.eval()
+    if num_encoder_layers is None:
+        raise CheckpointError("this is an ENAT checkpoint: pass the number of encoder layers (or a --preset)")
     config = transformer_config_from_state_dict(original, num_attention_heads, num_encoder_layers)
     check_layout(original, expected_transformer_shapes(config), "transformer", UNUSED_TRANSFORMER_PREFIXES)
     check_values(original, "transformer")
@@ -460,7 +658,7 @@ def imagenet_id2label(num_classes: int) -> Optional[Dict[int, str]]:
     return dict(enumerate(names))
 
 
-def build_pipeline(transformer: ENATTransformer2DModel, vqvae: VQModel, scheduler_config: dict) -> ENATPipeline:
+def build_pipeline(transformer, vqvae: VQModel, scheduler_config: dict) -> ENATPipeline:
     if vqvae.config.num_vq_embeddings != transformer.config.codebook_size:
         raise CheckpointError(
             f"the VQGAN has {vqvae.config.num_vq_embeddings} codes but the transformer predicts "

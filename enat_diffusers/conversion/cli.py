@@ -1,12 +1,17 @@
 # Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
 """
-Convert the original ENAT checkpoints (github.com/LeapLabTHU/ENAT) to diffusers folders.
+Convert the original ENAT (github.com/LeapLabTHU/ENAT) and AutoNAT (github.com/LeapLabTHU/ImprovedNAT) checkpoints
+to diffusers folders.
 
     python conversion/convert_enat_to_diffusers.py --transformer-checkpoint nnet_ema.pth \\
         --vqgan-checkpoint vqgan_jax_strongaug.ckpt --preset enat-l-256 --output-dir enat-l-256
+    python conversion/convert_enat_to_diffusers.py --transformer-checkpoint autonat_nnet_ema.pth \\
+        --vqgan-checkpoint vqgan_jax_strongaug.ckpt --preset autonat-l-256 --output-dir autonat-l-256
 
 Writes `OUT/transformer`, `OUT/vqvae` (with a VQGAN checkpoint) and, with both, a complete `ENATPipeline` folder.
-Everything but the head count and the encoder/decoder split is read from the checkpoint shapes.
+AutoNAT checkpoints are recognised by their keys and become a `NATTransformer2DModel`; `--preset autonat-l-256` also
+writes AutoNAT-L's searched 8-step strategy into the scheduler. Everything but the head count (and ENAT's
+encoder/decoder split) is read from the checkpoint shapes.
 
 `--overwrite` replaces an existing output folder only once the new one is complete (old folder renamed aside, new
 one moved in, old one deleted), and refuses an output folder that is, or contains, the current directory or an input
@@ -31,6 +36,7 @@ from .checkpoints import (
     build_pipeline,
     build_transformer,
     build_vqvae,
+    is_autonat_checkpoint,
     load_original_checkpoint,
 )
 
@@ -41,9 +47,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--transformer-checkpoint", required=True, help="original ENAT weights (e.g. nnet_ema.pth)")
     parser.add_argument("--vqgan-checkpoint", help="original VQGAN weights (vqgan_jax_strongaug.ckpt)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT checkpoint")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT or AutoNAT checkpoint")
     parser.add_argument("--num-attention-heads", type=int, help="without --preset: attention heads")
-    parser.add_argument("--num-encoder-layers", type=int, help="without --preset: encoder blocks (the rest decode)")
+    parser.add_argument(
+        "--num-encoder-layers", type=int, help="without --preset, ENAT checkpoints only: encoder blocks (the rest decode)"
+    )
     parser.add_argument("--output-dir", required=True, help="folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (see above)")
@@ -51,8 +59,8 @@ def parse_args(argv=None):
     custom = args.num_attention_heads is not None or args.num_encoder_layers is not None
     if args.preset and custom:
         parser.error("pass either --preset or --num-attention-heads/--num-encoder-layers, not both")
-    if not args.preset and (args.num_attention_heads is None or args.num_encoder_layers is None):
-        parser.error("pass --preset, or both --num-attention-heads and --num-encoder-layers")
+    if not args.preset and args.num_attention_heads is None:
+        parser.error("pass --preset, or --num-attention-heads (and, for ENAT checkpoints, --num-encoder-layers)")
     if custom and args.num_attention_heads < 1:
         parser.error(f"--num-attention-heads must be a positive integer, got {args.num_attention_heads}")
     return args
@@ -133,7 +141,14 @@ def main(argv=None):
 
     try:
         check_output_dir(output_dir, inputs, args.overwrite)
-        transformer = build_transformer(load_original_checkpoint(args.transformer_checkpoint), heads, encoder_layers)
+        original = load_original_checkpoint(args.transformer_checkpoint)
+        family = "autonat" if is_autonat_checkpoint(original) else "enat"
+        if preset and preset["family"] != family:
+            raise CheckpointError(
+                f"preset {args.preset} is for {preset['family'].upper()} checkpoints, but "
+                f"{args.transformer_checkpoint} is an {family.upper()} checkpoint"
+            )
+        transformer = build_transformer(original, heads, encoder_layers)
         if preset and transformer.config.sample_size != preset["sample_size"]:
             side = transformer.config.sample_size
             raise CheckpointError(

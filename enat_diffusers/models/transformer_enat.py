@@ -69,6 +69,24 @@ def feed_forward(dim: int, inner_dim: int) -> FeedForward:
     return FeedForward(dim, inner_dim=inner_dim, activation_fn="gelu-approximate", bias=True)
 
 
+def check_token_grid(input_ids: torch.LongTensor, side: int) -> torch.LongTensor:
+    """`input_ids` of shape `(B, side**2)` or `(B, side, side)` as `(B, side**2)` int64 ids, or a clear error."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.LongTensor of token ids, got {type(input_ids).__name__}.")
+    if input_ids.ndim > 0 and input_ids.shape[0] == 0:
+        raise ValueError("input_ids is an empty batch (batch_size 0).")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
+    if input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side):
+        return input_ids.reshape(input_ids.shape[0], side * side).long()
+    if input_ids.ndim == 2 and input_ids.shape[1] == side * side:
+        return input_ids.long()
+    raise ValueError(
+        f"input_ids must have shape (batch_size, {side * side}) or (batch_size, {side}, {side}) for this model's "
+        f"{side}x{side} token grid, got {tuple(input_ids.shape)}."
+    )
+
+
 class ENATTokenEmbedding(nn.Module):
     """Token embedding (codebook + [MASK]) plus a learned absolute position embedding, then LayerNorm."""
 
@@ -286,6 +304,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ENATBlock"]
     _repeated_blocks = ["ENATBlock"]
+    supports_reuse = True  # the pipelines pass each step's `reuse_state` to the next
     # Lookup tables (diffusers never casts nn.Embedding), the class embedding and the norms stay in the compute dtype.
     _skip_layerwise_casting_patterns = ["embed", "norm"]
 
@@ -402,7 +421,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, sequence_length, codebook_size)` and
             the `reuse_state` for the next step.
         """
-        input_ids = self._check_input_ids(input_ids)
+        input_ids = check_token_grid(input_ids, self.config.sample_size)
         self._check_condition(input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds)
         mask = input_ids == self.mask_token_id  # (B, L)
         num_masked, num_new = self._check_token_data(input_ids, class_labels, mask, reuse_state)
@@ -463,23 +482,6 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         return ENATTransformer2DModelOutput(logits=logits, reuse_state=state)
 
     # ------------------------------------------------------------------ inputs
-
-    def _check_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        side = self.config.sample_size
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.LongTensor of token ids, got {type(input_ids).__name__}.")
-        if input_ids.ndim > 0 and input_ids.shape[0] == 0:
-            raise ValueError("input_ids is an empty batch (batch_size 0).")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
-        if input_ids.ndim == 3 and tuple(input_ids.shape[1:]) == (side, side):
-            return input_ids.reshape(input_ids.shape[0], side * side).long()
-        if input_ids.ndim == 2 and input_ids.shape[1] == side * side:
-            return input_ids.long()
-        raise ValueError(
-            f"input_ids must have shape (batch_size, {side * side}) or (batch_size, {side}, {side}) for this model's "
-            f"{side}x{side} token grid, got {tuple(input_ids.shape)}."
-        )
 
     def _check_condition(self, batch_size, class_labels, encoder_hidden_states, pooled_text_embeds):
         if self.config.num_classes is not None:

@@ -19,6 +19,7 @@ from diffusers.utils import logging, replace_example_docstring
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..models.transformer_enat import ENATTransformer2DModel
+from ..models.transformer_nat import NATTransformer2DModel
 from ..schedulers.scheduling_masked_token import MaskedTokenScheduler
 
 
@@ -57,14 +58,15 @@ class ENATLoraLoaderMixin(SanaLoraLoaderMixin):
 
 class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
     r"""
-    Image generation with ENAT: start from an all-[MASK] token grid, predict every masked token, keep the most
-    confident predictions, repeat; then decode the tokens with the VQ model.
+    Image generation with ENAT (or AutoNAT): start from an all-[MASK] token grid, predict every masked token, keep
+    the most confident predictions, repeat; then decode the tokens with the VQ model.
 
     Class-conditional pipelines (the converted ImageNet checkpoints) take class names (`pipe("golden retriever")`) or
     ids (`pipe(class_labels=[207])`); text-to-image pipelines take prompts (`pipe("a red bus")`).
 
     Args:
-        transformer ([`ENATTransformer2DModel`]): Predicts token logits.
+        transformer ([`ENATTransformer2DModel`] or [`NATTransformer2DModel`]): Predicts token logits. ENAT reuses
+            features between steps; AutoNAT's NAT recomputes every token at every step.
         scheduler ([`MaskedTokenScheduler`]): Sampling schedule and re-masking.
         vqvae ([`VQModel`]): Decodes token ids to images in [0, 1]; needs `lookup_from_codebook=True`.
         text_encoder ([`CLIPTextModel`] or [`CLIPTextModelWithProjection`], *optional*): Text encoder of
@@ -81,7 +83,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
     def __init__(
         self,
-        transformer: ENATTransformer2DModel,
+        transformer: Union[ENATTransformer2DModel, NATTransformer2DModel],
         scheduler: MaskedTokenScheduler,
         vqvae: VQModel,
         text_encoder: Optional[Union[CLIPTextModel, CLIPTextModelWithProjection]] = None,
@@ -116,7 +118,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
     @property
     def is_text_to_image(self) -> bool:
-        return self.transformer.config.text_embed_dim is not None
+        return self.transformer.config.get("text_embed_dim") is not None
 
     def get_label_ids(self, label: Union[str, List[str]]) -> List[int]:
         """Maps class names (case-insensitive, as in `id2label`) to class ids."""
@@ -381,7 +383,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         latents: torch.LongTensor,
         model_kwargs: Dict[str, Any],
         generator=None,
-        reuse_features: bool = True,
+        reuse_features: Optional[bool] = None,
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: List[str] = ("latents",),
     ) -> torch.LongTensor:
@@ -393,8 +395,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         A callback may change the ids between steps. Reuse stays exact: when a callback changes or re-masks a token
         that the reuse state has already encoded, the state is dropped and the next step re-encodes every visible
         token (as `reuse_features=False` would for that step). Tokens still masked after the last step (re-masked by a
-        callback) get one more final step.
+        callback) get one more final step. `reuse_features=None` reuses when the transformer can (ENAT, not NAT).
         """
+        reuse_features = self.check_reuse_features(reuse_features)
         mask_token_id = self.transformer.mask_token_id
         do_cfg = self._do_classifier_free_guidance
         timesteps = self.scheduler.timesteps
@@ -403,7 +406,8 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
         def run_step(index, timestep, latents, reuse_state):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
-            logits, state = self.transformer(model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs)
+            logits, *state = self.transformer(model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs)
+            state = state[0] if state else None  # a NAT keeps no state
             logits = logits.float()
             if do_cfg:
                 cond, uncond = logits.chunk(2)
@@ -446,6 +450,19 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             latents, _, _ = run_step(len(timesteps) - 1, timesteps[-1], latents, reuse_state)
         return latents
 
+    def check_reuse_features(self, reuse_features: Optional[bool]) -> bool:
+        """`None` -> whether the transformer supports feature reuse; `True` for a transformer without it is an
+        error."""
+        supported = self.transformer.supports_reuse
+        if reuse_features is None:
+            return supported
+        if reuse_features and not supported:
+            raise ValueError(
+                f"reuse_features=True, but {type(self.transformer).__name__} has no feature reuse (a NAT recomputes "
+                "every token at every step); pass reuse_features=False or leave it unset."
+            )
+        return bool(reuse_features)
+
     def _check_token_ids(self, new_latents, latents, what: str) -> torch.LongTensor:
         """`new_latents` as `(B, L)` ids like `latents`, or a clear error; `what` names them in the message."""
         if not isinstance(new_latents, torch.Tensor) or new_latents.dtype not in (torch.int64, torch.int32):
@@ -487,7 +504,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
         mask_temperature: Optional[float] = None,
         sampling_temperature: Optional[float] = None,
-        reuse_features: bool = True,
+        reuse_features: Optional[bool] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
@@ -538,9 +555,10 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             sampling_temperature (`float`, *optional*):
                 Initial temperature of token sampling, annealed to 1e-3; 0 means argmax. Defaults to the scheduler's
                 config.
-            reuse_features (`bool`, defaults to `True`):
+            reuse_features (`bool`, *optional*):
                 ENAT's temporal reuse: each step encodes only the tokens revealed since the previous step. `False`
-                re-encodes every visible token at every step.
+                re-encodes every visible token at every step. Defaults to `True` for ENAT; a NAT
+                ([`NATTransformer2DModel`]) has no reuse (`True` is an error).
             output_type (`str`, defaults to `"pil"`):
                 `"pil"`, `"np"`, `"pt"` (`(B, 3, H, W)` in [0, 1]) or `"latent"` (token ids `(B, h, w)`).
             return_dict (`bool`, defaults to `True`):

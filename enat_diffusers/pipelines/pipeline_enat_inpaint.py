@@ -403,7 +403,7 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
         negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
         mask_temperature: Optional[float] = None,
         sampling_temperature: Optional[float] = None,
-        reuse_features: bool = True,
+        reuse_features: Optional[bool] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,

@@ -92,7 +92,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
 
     A temperature of 0 is deterministic: argmax sampling, no Gumbel noise. Any of the four per-step quantities can
     instead be given explicitly, as AutoNAT's searched generation strategies do; the lists then fix the number of
-    steps.
+    steps. With explicit `mask_ratios`, the number of tokens kept masked after step `k < T - 1` is AutoNAT's:
+    `floor(L * ratio)` clamped to `[1, masked - 1]` (every step reveals a token, none but the last reveals all).
 
     Args:
         mask_token_id (`int`, defaults to 1024): Id of the [MASK] token (the transformer's `codebook_size`).
@@ -274,8 +275,11 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         if mask_temperature > 0:
             confidence = confidence + mask_temperature * gumbel_noise(ids.shape, generator, ids.device)
 
-        # 3. Re-mask the least confident sampled tokens.
+        # 3. Re-mask the least confident sampled tokens. With an explicit strategy (AutoNAT), every step but the last
+        #    reveals at least one token and keeps at least one masked, as AutoNAT clamps its count.
         num_masked = num_tokens_to_mask(seq_len, self.step_mask_ratios[step_index])
+        if self.config.mask_ratios is not None and step_index < self.num_inference_steps - 1:
+            num_masked = max(1, min(int(is_masked[0].sum()) - 1, num_masked))
         remask = lowest_scores_mask(confidence, num_masked) & is_masked
         prev_sample = torch.where(remask, self.config.mask_token_id, sampled)
 
