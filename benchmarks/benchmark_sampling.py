@@ -7,11 +7,18 @@ Variants, interleaved within every repeat (A, B, C, A, B, C, ...) after one warm
 * A: `original_enat.generate`: re-statement of the original computation (two model calls per step, multiway kv,
   manual attention, boolean-index splits, host-syncing asserts, NumPy Gumbel noise);
 * B: `ENATPipeline(..., reuse_features=True)`: ours (cond+uncond in one batch, feature reuse);
-* C: `ENATPipeline(..., reuse_features=False)`: ours without ENAT's feature reuse.
+* C: `ENATPipeline(..., reuse_features=False)`: ours without ENAT's feature reuse;
+* D: `ENATPipeline` around a vanilla NAT of the same width and depth (`NATTransformer2DModel`, AutoNAT's U-ViT with
+  `num_layers` = ENAT's block count: every token through every block at every step), same schedule (`--no-nat`
+  leaves it out).
 
-All three stop at token ids (B/C use `output_type="latent"`; no VQ decoding). `enat-l-*` models have random weights
-with exactly the shapes of the released checkpoints (`tests/fixtures/original_keys/*.json`); speed does not depend on
-the weight values because the number of masked tokens at every step is fixed by the schedule.
+Every variant's model FLOPs per image are counted analytically from the computed shapes (`model_flops.py`) and
+cross-checked against torch's `FlopCounterMode`; a matmul probe measures the machine's peak for the dtype in the same
+run, and the achieved FLOP/s of every variant is reported against it (utilisation).
+
+All variants stop at token ids (B/C/D use `output_type="latent"`; no VQ decoding). `enat-l-*` models have random
+weights with exactly the shapes of the released checkpoints (`tests/fixtures/original_keys/*.json`); speed does not
+depend on the weight values because the number of masked tokens at every step is fixed by the schedule.
 
 Before timing, a correctness gate runs: on the tiny fixture checkpoint, A and B must reproduce the ids recorded from
 the original code exactly; then A and B are compared forward-by-forward on the benchmarked model.
@@ -29,7 +36,6 @@ import numpy as np
 import torch
 from diffusers import VQModel
 from safetensors.torch import load_file
-from torch.utils.flop_counter import FlopCounterMode
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +43,10 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "conversion"))
 
+from model_flops import counted_flops, generation_flops  # noqa: E402
 from original_enat import OriginalENAT, generate  # noqa: E402
 
-from enat_diffusers import ENATPipeline, MaskedTokenScheduler  # noqa: E402
+from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DModel  # noqa: E402
 from enat_diffusers.conversion import build_transformer  # noqa: E402
 
 
@@ -71,9 +78,8 @@ def original_state_dict(model: str) -> dict:
     return state_dict
 
 
-def make_pipeline(state_dict: dict, heads: int, encoder_layers: int) -> ENATPipeline:
-    """Our pipeline around the converted transformer; the tiny VQModel is never used with `output_type="latent"`."""
-    transformer = build_transformer(state_dict, heads, encoder_layers)
+def make_pipeline(transformer) -> ENATPipeline:
+    """Our pipeline around a transformer; the tiny VQModel is never used with `output_type="latent"`."""
     codebook_size = transformer.config.codebook_size
     vqvae = VQModel(
         block_out_channels=[8, 16],
@@ -110,7 +116,7 @@ def correctness_gate(device: torch.device) -> None:
     state_dict = original_state_dict("tiny")
 
     original = OriginalENAT.from_state_dict(state_dict, heads, encoder_layers).to(device)
-    pipe = make_pipeline(state_dict, heads, encoder_layers).to(device)
+    pipe = make_pipeline(build_transformer(state_dict, heads, encoder_layers)).to(device)
     steps, cfg = settings["num_steps"], settings["cfg_scale"]
     with torch.inference_mode():
         torch.manual_seed(SEED)
@@ -153,24 +159,6 @@ def compare_forwards(original: OriginalENAT, pipe: ENATPipeline, device: torch.d
 # ---------------------------------------------------------------------------------------------------- measurement
 
 
-def count_gflops(fn) -> float:
-    """Model FLOPs of one call: matmuls and attention, as torch's FlopCounterMode counts them (2 per multiply-add).
-
-    torch counts the CUDA attention kernels but not the CPU one, so a formula for it is added (the same count as the
-    two batched matmuls of a manual attention: 2*B*H*Nq*Nk*(Dh + Dv)).
-    """
-
-    def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        batch = math.prod(query_shape[:-2])
-        (num_queries, head_dim), num_keys = query_shape[-2:], key_shape[-2]
-        return 2 * batch * num_queries * num_keys * (head_dim + value_shape[-1])
-
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    with FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa_flops}) as m:
-        fn()
-    return m.get_total_flops() / 1e9
-
-
 def timed(fn, device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -187,7 +175,36 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights/activations of A, B, C")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-nat", action="store_true", help="leave out variant D (the vanilla NAT)")
     return parser.parse_args(argv)
+
+
+def vanilla_nat(transformer, dtype) -> NATTransformer2DModel:
+    """A NAT of ENAT's width, heads and block count (random weights: speed does not depend on them)."""
+    config = transformer.config
+    torch.manual_seed(SEED)
+    return (
+        NATTransformer2DModel(
+            sample_size=config.sample_size,
+            codebook_size=config.codebook_size,
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_layers=config.num_encoder_layers + config.num_decoder_layers,
+            mlp_ratio=config.mlp_ratio,
+            num_classes=config.num_classes,
+        )
+        .to(dtype=dtype)
+        .eval()
+    )
+
+
+def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's matmul throughput for `dtype`: the best of `repeats` timed (size x size) @ (size x size)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    best = min(timed(lambda: torch.matmul(a, b), device) for _ in range(repeats))
+    return 2 * size**3 / best / 1e12
 
 
 def main(argv=None):
@@ -199,7 +216,7 @@ def main(argv=None):
     start = time.perf_counter()
     state_dict = original_state_dict(args.model)
     original = OriginalENAT.from_state_dict(state_dict, spec["heads"], spec["encoder_layers"])
-    pipe = make_pipeline(state_dict, spec["heads"], spec["encoder_layers"])
+    pipe = make_pipeline(build_transformer(state_dict, spec["heads"], spec["encoder_layers"]))
     del state_dict
     original.to(device=device, dtype=dtype)
     pipe.to(device)
@@ -221,7 +238,7 @@ def main(argv=None):
         label_tensor = torch.tensor(labels, device=device)
         return generate(original, label_tensor, args.steps, cfg, mask_temp, samp_temp, null_label=num_classes)
 
-    def run_ours(reuse: bool):
+    def run_ours(pipe, reuse):
         generator = torch.Generator(device).manual_seed(SEED)
         return pipe(class_labels=labels, num_inference_steps=args.steps, guidance_scale=cfg,
                     mask_temperature=mask_temp, sampling_temperature=samp_temp, reuse_features=reuse,
@@ -229,42 +246,79 @@ def main(argv=None):
 
     variants = {
         "A original structure": run_a,
-        "B ours (reuse)": lambda: run_ours(True),
-        "C ours (no reuse)": lambda: run_ours(False),
+        "B ours (reuse)": lambda: run_ours(pipe, True),
+        "C ours (no reuse)": lambda: run_ours(pipe, False),
     }
+    pipe.scheduler.set_timesteps(args.steps)
+    ratios = pipe.scheduler.step_mask_ratios
+    analytic = {  # the original computes the shapes of B (as two forwards per step: cond, then uncond)
+        name: generation_flops(pipe.transformer, ratios, cfg > 0, reuse) / 1e9
+        for name, reuse in (("A original structure", True), ("B ours (reuse)", True), ("C ours (no reuse)", False))
+    }
+    if not args.no_nat and args.model != "tiny":
+        nat_pipe = make_pipeline(vanilla_nat(pipe.transformer, dtype)).to(device)
+        variants["D vanilla NAT"] = lambda: run_ours(nat_pipe, None)
+        analytic["D vanilla NAT"] = generation_flops(nat_pipe.transformer, ratios, cfg > 0, False) / 1e9
     times = {name: [] for name in variants}
     gflops, peak_memory = {}, {}
     with torch.inference_mode():
         for name, fn in variants.items():  # warm-up (also the peak-memory run on CUDA), then FLOPs
-            if device.type == "cuda":  # both models stay resident: report the peak above what is allocated now
+            if device.type == "cuda":  # the models stay resident: report the peak above what is allocated now
                 torch.cuda.reset_peak_memory_stats(device)
                 resident = torch.cuda.memory_allocated(device)
             warmup = timed(fn, device)
             if device.type == "cuda":
                 peak_memory[name] = (torch.cuda.max_memory_allocated(device) - resident) / 2**30
-            gflops[name] = count_gflops(fn)
+            gflops[name] = counted_flops(fn) / 1e9
             print(f"  warm-up {name}: {warmup:.3f}s")
+        peak = matmul_peak_tflops(dtype, device)
         for repeat in range(args.repeats):
             for name, fn in variants.items():
                 times[name].append(timed(fn, device))
             print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{t[-1]:.3f}s" for t in times.values()))
 
     median = {name: statistics.median(values) for name, values in times.items()}
+    per_image = {name: analytic[name] / args.batch_size for name in variants}
     print()
     print(f"model {args.model} | {args.dtype} | batch {args.batch_size} | {args.steps} steps | {device} "
-          f"| {args.repeats} repeats")  # fmt: skip
-    header = f"{'variant':<22} {'median s/gen':>12} {'min s/gen':>10} {'s/image':>8} {'GFLOPs/gen':>11}"
+          f"| {args.repeats} repeats | matmul peak {peak:.3f} TFLOP/s ({args.dtype}, 2048^3 probe)")  # fmt: skip
+    header = (f"{'variant':<22} {'median s/gen':>12} {'min s/gen':>10} {'images/s':>9} {'GFLOPs/img':>11} "
+              f"{'counted':>9} {'TFLOP/s':>8} {'util':>6}")  # fmt: skip
     print(header + (f" {'peak GiB*':>10}" if peak_memory else ""))
     for name in variants:
-        row = (f"{name:<22} {median[name]:>12.3f} {min(times[name]):>10.3f} "
-               f"{median[name] / args.batch_size:>8.3f} {gflops[name]:>11.2f}")  # fmt: skip
+        achieved = analytic[name] / min(times[name]) / 1e3
+        row = (f"{name:<22} {median[name]:>12.3f} {min(times[name]):>10.3f} {args.batch_size / median[name]:>9.3f} "
+               f"{per_image[name]:>11.4g} {gflops[name] / args.batch_size:>9.4g} {achieved:>8.3f} "
+               f"{achieved / peak:>6.1%}")  # fmt: skip
         print(row + (f" {peak_memory[name]:>10.2f}" if peak_memory else ""))
+    print(
+        "GFLOPs/img: analytic (model_flops.py); counted: torch FlopCounterMode; TFLOP/s and util: the analytic "
+        "count over the fastest run, against the matmul peak"
+    )
     if peak_memory:
         weights = sum(p.numel() * p.element_size() for p in original.parameters()) / 2**30
         print(f"* torch.cuda.max_memory_allocated above the resident weights (weights per model: {weights:.2f} GiB)")
-    a, b, c = (median[name] for name in variants)
+    a, b, c = (median[name] for name in list(variants)[:3])
     print(f"speed-up of ours over the original structure (A/B): {a / b:.2f}")
     print(f"speed-up from feature reuse (C/B): {c / b:.2f}")
+    goals = [
+        ("speed vs the original structure, same dtype", a / b, 2.0),
+        ("FLOPs without / with reuse", per_image["C ours (no reuse)"] / per_image["B ours (reuse)"], 1.7),
+    ]
+    if "D vanilla NAT" in variants:
+        goals.append(
+            ("FLOPs vanilla NAT / ENAT with reuse", per_image["D vanilla NAT"] / per_image["B ours (reuse)"], 3.5)
+        )
+    goals.append(
+        (
+            "utilisation of the matmul peak (B)",
+            analytic["B ours (reuse)"] / min(times["B ours (reuse)"]) / 1e3 / peak,
+            0.5,
+        )
+    )
+    print("goals:")
+    for goal, value, target in goals:
+        print(f"  {goal:<46} {value:>7.2f} (target >= {target}): {'met' if value >= target else 'MISSED'}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, call_converter, tiny_vqvae
 from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DModel
 from enat_diffusers.conversion import checkpoints as convert
 from enat_diffusers.schedulers import scheduling_masked_token
-
-from conftest import FIXTURES, call_converter, tiny_vqvae
 
 
 AUTONAT = FIXTURES / "autonat"
@@ -189,7 +188,8 @@ def test_cli_converts_an_autonat_checkpoint_pair_into_a_pipeline(tmp_path):
     ids = torch.full((1, 256), 32)
     with torch.no_grad():
         torch.testing.assert_close(
-            pipe.transformer(ids, torch.tensor([3])).logits, converted("autonat_tiny.pth")(ids, torch.tensor([3])).logits
+            pipe.transformer(ids, torch.tensor([3])).logits,
+            converted("autonat_tiny.pth")(ids, torch.tensor([3])).logits,
         )
     code, stderr = call_converter(
         "--transformer-checkpoint", AUTONAT / "autonat_tiny.pth", "--num-attention-heads", 4,
@@ -197,11 +197,21 @@ def test_cli_converts_an_autonat_checkpoint_pair_into_a_pipeline(tmp_path):
     )  # fmt: skip
     assert code != 0 and "no encoder/decoder split" in stderr
     code, stderr = call_converter(
-        "--transformer-checkpoint", AUTONAT / "autonat_tiny.pth", "--preset", "enat-l-256", "--output-dir", tmp_path / "y"
+        "--transformer-checkpoint",
+        AUTONAT / "autonat_tiny.pth",
+        "--preset",
+        "enat-l-256",
+        "--output-dir",
+        tmp_path / "y",
     )
     assert code != 0 and "is an AUTONAT checkpoint" in stderr
     code, stderr = call_converter(
-        "--transformer-checkpoint", FIXTURES / "enat_tiny.pth", "--preset", "autonat-l-256", "--output-dir", tmp_path / "z"
+        "--transformer-checkpoint",
+        FIXTURES / "enat_tiny.pth",
+        "--preset",
+        "autonat-l-256",
+        "--output-dir",
+        tmp_path / "z",
     )
     assert code != 0 and "for AUTONAT checkpoints" in stderr
 

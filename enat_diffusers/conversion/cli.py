@@ -50,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT or AutoNAT checkpoint")
     parser.add_argument("--num-attention-heads", type=int, help="without --preset: attention heads")
     parser.add_argument(
-        "--num-encoder-layers", type=int, help="without --preset, ENAT checkpoints only: encoder blocks (the rest decode)"
+        "--num-encoder-layers",
+        type=int,
+        help="without --preset, ENAT checkpoints only: encoder blocks (the rest decode)",
     )
     parser.add_argument("--output-dir", required=True, help="folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")

@@ -12,7 +12,7 @@ modules as ENAT's.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -173,7 +173,9 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
             ]
         ).tolist()
         if bad[0]:
-            raise ValueError(f"input_ids has {bad[0]} id(s) outside [0, {self.mask_token_id}] ([MASK] = codebook_size).")
+            raise ValueError(
+                f"input_ids has {bad[0]} id(s) outside [0, {self.mask_token_id}] ([MASK] = codebook_size)."
+            )
         if bad[1]:
             raise ValueError(
                 f"class_labels has {bad[1]} label(s) outside [0, {self.config.num_classes}] "

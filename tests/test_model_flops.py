@@ -1,0 +1,54 @@
+"""The analytic FLOP counts of the benchmarks (benchmarks/model_flops.py) against torch's FlopCounterMode, exactly."""
+
+import pytest
+import torch
+from conftest import tiny_class_pipeline, tiny_text_pipeline, tiny_vqvae
+from model_flops import counted_flops, generation_flops
+
+from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DModel
+
+
+def run(pipe, reuse, guidance_scale, **condition):
+    return pipe(
+        num_inference_steps=5, guidance_scale=guidance_scale, reuse_features=reuse, output_type="latent", **condition
+    )
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+@pytest.mark.parametrize("kind", ["class", "text"])
+@torch.no_grad()
+def test_enat_generation_flops_are_exact(kind, reuse, guidance_scale):
+    pipe = tiny_class_pipeline() if kind == "class" else tiny_text_pipeline()
+    condition = {"class_labels": [1, 2]} if kind == "class" else {"prompt": ["a red circle", "a blue square"]}
+    counted = counted_flops(lambda: run(pipe, reuse, guidance_scale, **condition))
+    num_text = 0 if kind == "class" else pipe.tokenizer.model_max_length
+    per_image = generation_flops(
+        pipe.transformer, pipe.scheduler.step_mask_ratios, guidance_scale > 0, reuse, num_text
+    )
+    text_encoder = 0
+    if kind == "text":  # the CLIP text encoder's FLOPs (cond and, with guidance, the empty prompt)
+        text_encoder = counted_flops(lambda: pipe.encode_prompt(condition["prompt"], "cpu", 1, guidance_scale > 0))
+    assert counted - text_encoder == 2 * per_image
+
+
+def test_reuse_saves_flops_and_a_nat_of_the_same_size_costs_more():
+    pipe = tiny_class_pipeline()  # 3 blocks, width 32
+    pipe.scheduler.set_timesteps(8)
+    ratios = pipe.scheduler.step_mask_ratios
+    nat = NATTransformer2DModel(sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_layers=2)
+    with_reuse = generation_flops(pipe.transformer, ratios, True, True)
+    without_reuse = generation_flops(pipe.transformer, ratios, True, False)
+    assert with_reuse < without_reuse < generation_flops(nat, ratios, True, False)
+
+
+@torch.no_grad()
+def test_nat_generation_flops_are_exact():
+    torch.manual_seed(0)
+    transformer = NATTransformer2DModel(
+        sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_layers=4, num_classes=10
+    ).eval()
+    pipe = ENATPipeline(transformer, MaskedTokenScheduler(mask_token_id=8), tiny_vqvae())
+    pipe.set_progress_bar_config(disable=True)
+    counted = counted_flops(lambda: run(pipe, None, 2.0, class_labels=[1, 2, 3]))
+    assert counted == 3 * generation_flops(transformer, pipe.scheduler.step_mask_ratios, True, False)
