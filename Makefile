@@ -66,6 +66,8 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
 	# only open_clip's BPE vocabulary file is used (offline CLIP tokenizer): without its dependencies (torchvision)
 	$(PY) -m pip install -q --no-deps open_clip_torch
+	# FID's InceptionV3 (examples/evaluate.py) from torch-fidelity, without the torchvision it lists (unused here)
+	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.3"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

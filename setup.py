@@ -24,6 +24,11 @@ setup(
         # the offline CLIP tokenizer reads open_clip's BPE file (install it with --no-deps: only the file is used)
         "tokenizer": ["open_clip_torch"],
         "train": ["tensorboard", "matplotlib"],
-        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy"],  # ftfy: open_clip's reference tokenizer
+        # examples/evaluate.py (FID, IS). torch-fidelity requires torchvision but only its InceptionV3, which needs
+        # torch alone, is used: where no torchvision build matches torch, install it with --no-deps (so "test" leaves
+        # it out, as it leaves out open_clip_torch: pip would resolve torchvision and replace a CPU torch)
+        "eval": ["torchmetrics>=1.9", "torch-fidelity>=0.3"],
+        # ftfy: open_clip's reference tokenizer
+        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9"],
     },
 )

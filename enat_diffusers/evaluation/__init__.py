@@ -1,16 +1,30 @@
-"""Evaluation of ENAT pipelines.
+"""Evaluation of ENAT pipelines: ShapesEval (`shapes`) and FID / Inception Score / CLIP score (`fid`).
 
-The names are imported from `shapes` on first use, so that `python -m enat_diffusers.evaluation.shapes` runs the
-module once, as `__main__` only.
+The names are imported from their module on first use, so that `python -m enat_diffusers.evaluation.shapes` runs the
+module once, as `__main__` only, and torchmetrics is imported only when the FID functions are used.
 """
 
 import importlib
 
 
-__all__ = ["ShapesEval", "evaluation_prompts", "format_report"]
+SHAPES_NAMES = ["ShapesEval", "evaluation_prompts", "format_report"]
+FID_NAMES = [
+    "clip_scores",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "list_images",
+    "load_clip",
+    "load_inception",
+    "load_statistics",
+    "read_images",
+    "save_statistics",
+]
+__all__ = SHAPES_NAMES + FID_NAMES
 
 
 def __getattr__(name):
     if name in __all__:
-        return getattr(importlib.import_module(".shapes", __name__), name)
+        module = ".shapes" if name in SHAPES_NAMES else ".fid"
+        return getattr(importlib.import_module(module, __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
