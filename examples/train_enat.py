@@ -5,8 +5,9 @@ The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
 
 - images are tokenised once by the pipeline's VQ model, each with its horizontal flip (`--no_random_flip` turns the
   flips off: do that when captions name left and right), and the token ids are cached on disk;
-- one mask ratio per batch from Beta(12, 3) (`MaskedTokenScheduler.add_noise`), cross-entropy on the masked
-  positions only with label smoothing 0.1, condition dropout p = 0.15 (null class / empty prompt) for guidance;
+- one mask ratio per batch from Beta(12, 3) (`MaskedTokenScheduler.add_noise`; `--beta_alpha_beta` changes it),
+  cross-entropy on the masked positions only with label smoothing 0.1, condition dropout p = 0.15 (null class /
+  empty prompt) for guidance;
 - AdamW (lr 4e-4, weight decay 0.03, betas (0.99, 0.99)) with a linear warm-up, an EMA of the weights;
 - reuse training: with probability 0.5 the EMA model first runs (without gradients) on the input with a random
   fraction of its visible tokens masked as well, and the training forward takes that output's `reuse_state`, so the
@@ -173,6 +174,21 @@ def parse_args(input_args=None):
     )
     parser.add_argument("--label_smoothing", type=float, default=0.1, help="Label smoothing of the cross-entropy.")
     parser.add_argument(
+        "--beta_alpha_beta",
+        type=float,
+        nargs=2,
+        metavar=("ALPHA", "BETA"),
+        default=None,
+        help="Training mask ratios ~ Beta(ALPHA, BETA), saved in the scheduler config (default: the scheduler's, "
+        "ENAT/AutoNAT's Beta(12, 3), mean 0.8).",
+    )
+    parser.add_argument(
+        "--sincos_position_embeddings",
+        action="store_true",
+        help="New models only: start the position embedding table from a 2D sine-cosine grid (scaled to the std 0.02 "
+        "of the original initialisation) instead of N(0, 0.02): short runs learn spatial neighbourhoods sooner.",
+    )
+    parser.add_argument(
         "--reuse_prob", type=float, default=0.5, help="Probability that a batch is trained with a reuse state."
     )
     parser.add_argument(
@@ -259,6 +275,10 @@ def parse_args(input_args=None):
         raise ValueError(f"--train_data_dir {args.train_data_dir} is not a folder.")
     if args.coco_annotations_file is not None and not Path(args.coco_annotations_file).is_file():
         raise ValueError(f"--coco_annotations_file {args.coco_annotations_file} is not a file.")
+    if args.beta_alpha_beta is not None and min(args.beta_alpha_beta) <= 0:
+        raise ValueError(f"--beta_alpha_beta must be two positive numbers, got {args.beta_alpha_beta}.")
+    if args.sincos_position_embeddings and args.transformer_config is None:
+        raise ValueError("--sincos_position_embeddings initialises a new model: it needs --transformer_config.")
     for name in ("cond_dropout_prob", "reuse_prob", "label_smoothing", "ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
@@ -629,6 +649,19 @@ def read_transformer_config(path: str) -> dict:
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
+def sincos_grid(side: int, dim: int, std: float = 0.02) -> torch.Tensor:
+    """`(side * side, dim)` 2D sine-cosine position codes in raster order (half the channels for the row, half for
+    the column; geometric frequencies), scaled to standard deviation `std`."""
+    if dim % 4:
+        raise ValueError(f"A 2D sine-cosine grid needs a width divisible by 4, got {dim}.")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    position = torch.arange(side, dtype=torch.float64)[:, None] * frequencies  # (side, dim / 4)
+    codes = torch.cat([position.sin(), position.cos()], dim=1)  # (side, dim / 2)
+    rows, columns = codes[:, None, :].expand(side, side, -1), codes[None, :, :].expand(side, side, -1)
+    grid = torch.cat([rows, columns], dim=-1).reshape(side * side, dim)
+    return (grid * std / grid.std()).float()
+
+
 def load_models(args):
     """The transformer to train, scheduler, VQ model, text encoder/tokenizer (text models) and class names; the
     models in float32 (the frozen ones too: token ids and text embeddings do not depend on --mixed_precision)."""
@@ -636,6 +669,10 @@ def load_models(args):
     if args.transformer_config is not None:
         transformer = ENATTransformer2DModel(**read_transformer_config(args.transformer_config))
         logger.info(f"Training a new transformer from {args.transformer_config}.")
+        if args.sincos_position_embeddings:
+            table = transformer.embed.position_embeddings.weight
+            with torch.no_grad():
+                table.copy_(sincos_grid(transformer.config.sample_size, table.shape[1]))
     elif has_component(pretrained, "transformer", revision):
         transformer = ENATTransformer2DModel.from_pretrained(
             pretrained, subfolder="transformer", revision=revision, dtype=torch.float32
@@ -652,6 +689,9 @@ def load_models(args):
         scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
     else:
         scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
+    if args.beta_alpha_beta is not None:
+        alpha, beta = args.beta_alpha_beta
+        scheduler = MaskedTokenScheduler.from_config(scheduler.config, beta_alpha=alpha, beta_beta=beta)
 
     text_encoder = tokenizer = None
     if transformer.config.text_embed_dim is not None:

@@ -411,3 +411,25 @@ def test_unreadable_image_is_skipped_with_a_warning(base, class_data, tmp_path, 
     assert "Skipping" in caplog.text and "broken.png" in caplog.text
     meta = json.loads(next((tmp_path / "out" / "token_cache").glob("*.json")).read_text())
     assert meta["skipped"] == ["red/broken.png"] and len(meta["files"]) == len(scenes())
+
+
+def test_mask_ratio_distribution_and_sincos_positions_are_used_and_saved(base, class_data, tmp_path):
+    output_dir = tmp_path / "out"
+    class_run(base, class_data, output_dir, "--beta_alpha_beta", "2", "1.5", "--sincos_position_embeddings")
+    scheduler = MaskedTokenScheduler.from_pretrained(output_dir / "scheduler")
+    assert (scheduler.config.beta_alpha, scheduler.config.beta_beta) == (2.0, 1.5)
+    rows = (output_dir / "train_log.csv").read_text().splitlines()[1:]
+    ratios = [float(row.split(",")[3]) for row in rows]
+    assert ratios and all(0 < r < 1 for r in ratios)
+
+    grid = train_enat.sincos_grid(8, 32)
+    assert grid.shape == (64, 32) and abs(float(grid.std()) - 0.02) < 1e-6
+    distance = torch.cdist(grid, grid)  # codes of neighbouring cells are closer than those of far cells
+    assert distance[0, 1] < distance[0, 7] and distance[0, 8] < distance[0, 56]
+    assert distance.fill_diagonal_(1).min() > 0  # every cell has its own code
+    start = ENATPipeline.from_pretrained(output_dir).transformer.embed.position_embeddings.weight
+    assert torch.allclose(start, grid, atol=0.02)  # 5 short steps from the grid, not from N(0, 0.02)
+    with pytest.raises(ValueError, match="needs --transformer_config"):
+        train_enat.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(class_data),
+                               "--output_dir", str(tmp_path / "y"), "--max_train_steps", "1",
+                               "--sincos_position_embeddings"])  # fmt: skip

@@ -1,0 +1,122 @@
+"""How well a Shapes pipeline's transformer predicts masked tokens of real images, per mask ratio, for object tokens
+(tokens whose 4x4 patch has a non-background pixel) and background tokens separately, next to a model-free baseline.
+
+    python examples/shapes/token_accuracy.py --model pretrained/enat-shapes --data shapes/validation
+
+Each validation image is tokenised by the pipeline's VQ model; at each mask ratio a random `round(L * ratio)`
+tokens are masked (the training masking) and the transformer predicts them from the caption and the visible tokens.
+Reported per ratio: cross-entropy and top-1 accuracy on masked object tokens and on masked background tokens. The
+baseline predicts a token from its 8 neighbours' ids alone (the most frequent id for that neighbourhood on the
+training split's tokens, when `--train-data` is given): what local structure alone determines.
+"""
+
+import argparse
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from enat_diffusers import ENATPipeline
+from enat_diffusers.data.shapes import BACKGROUND
+
+
+RATIOS = (0.05, 0.2, 0.5, 0.8, 0.95)
+
+
+def tokenise(pipe, folder: Path, limit: int):
+    """`(ids (N, L), object-token mask (N, L), captions)` of the first `limit` images of an imagefolder split."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()[:limit]]
+    images = np.stack([np.asarray(PIL.Image.open(folder / row["file_name"]).convert("RGB")) for row in rows])
+    factor = images.shape[1] // pipe.transformer.config.sample_size
+    side = pipe.transformer.config.sample_size
+    foreground = (images != np.array(BACKGROUND)).any(-1)  # (N, H, W)
+    objects = foreground.reshape(len(rows), side, factor, side, factor).any(axis=(2, 4)).reshape(len(rows), -1)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    ids = []
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            latents = pipe.vqvae.encode(pixels[start : start + 64]).latents
+            ids.append(pipe.vqvae.quantize(latents)[2][2].reshape(latents.shape[0], -1))
+    return torch.cat(ids), torch.from_numpy(objects), [row["text"] for row in rows]
+
+
+def neighbourhoods(ids: torch.Tensor, side: int) -> np.ndarray:
+    """`(N * L, 8)` ids of each token's 8 neighbours (-1 outside the grid)."""
+    grid = np.pad(ids.reshape(-1, side, side).numpy(), ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+    around = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    return np.stack([grid[:, 1 + dy : 1 + dy + side, 1 + dx : 1 + dx + side] for dy, dx in around], -1).reshape(-1, 8)
+
+
+def neighbour_baseline(train_ids, ids, objects, side: int) -> float:
+    """Top-1 accuracy on object tokens of predicting each id from its 8 neighbours' ids (a lookup table)."""
+    table = defaultdict(Counter)
+    for key, token in zip(map(tuple, neighbourhoods(train_ids, side)), train_ids.reshape(-1).tolist()):
+        table[key][token] += 1
+    keys, targets = neighbourhoods(ids, side), ids.reshape(-1).tolist()
+    hits = [
+        bool(table[tuple(key)]) and table[tuple(key)].most_common(1)[0][0] == target
+        for key, target, is_object in zip(keys, targets, objects.reshape(-1).tolist())
+        if is_object
+    ]
+    return float(np.mean(hits))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a text-to-image ENATPipeline folder trained on Shapes")
+    parser.add_argument("--data", required=True, help="an imagefolder split with metadata.jsonl (validation)")
+    parser.add_argument("--train-data", help="the training split, for the neighbour baseline")
+    parser.add_argument("--num-images", type=int, default=512)
+    parser.add_argument("--num-train-images", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+
+    pipe = ENATPipeline.from_pretrained(args.model)
+    ids, objects, captions = tokenise(pipe, Path(args.data), args.num_images)
+    mask_id, side = pipe.transformer.mask_token_id, pipe.transformer.config.sample_size
+    generator = torch.Generator().manual_seed(args.seed)
+    report = {"model": args.model, "num_images": len(captions), "ratios": {}}
+    print(f"{'mask ratio':>10} {'object CE':>10} {'object top-1':>13} {'background CE':>14} {'background top-1':>17}")
+    with torch.no_grad():
+        embeds, pooled, _, _ = pipe.encode_prompt(captions, "cpu", 1, False)
+        for ratio in RATIOS:
+            sums = Counter()
+            for start in range(0, len(captions), 64):
+                clean = ids[start : start + 64]
+                noisy = pipe.scheduler.add_noise(clean, generator=generator, mask_ratio=ratio)
+                logits = pipe.transformer(
+                    noisy,
+                    encoder_hidden_states=embeds[start : start + 64],
+                    pooled_text_embeds=pooled[start : start + 64],
+                ).logits
+                masked = noisy == mask_id
+                for name, where in (
+                    ("object", masked & objects[start : start + 64]),
+                    ("background", masked & ~objects[start : start + 64]),
+                ):
+                    sums[f"{name}_ce"] += F.cross_entropy(logits[where], clean[where], reduction="sum").item()
+                    sums[f"{name}_hits"] += (logits[where].argmax(-1) == clean[where]).sum().item()
+                    sums[f"{name}_n"] += int(where.sum())
+            row = {
+                f"{name}_{kind}": sums[f"{name}_{key}"] / max(sums[f"{name}_n"], 1)
+                for name in ("object", "background")
+                for kind, key in (("ce", "ce"), ("top1", "hits"))
+            }
+            report["ratios"][ratio] = row
+            print(f"{ratio:>10} {row['object_ce']:>10.3f} {row['object_top1']:>13.1%} {row['background_ce']:>14.3f} "
+                  f"{row['background_top1']:>17.1%}")  # fmt: skip
+    if args.train_data:
+        train_ids, _, _ = tokenise(pipe, Path(args.train_data), args.num_train_images)
+        report["neighbour_baseline_object_top1"] = neighbour_baseline(train_ids, ids, objects, side)
+        print(f"8-neighbour lookup baseline, object tokens: {report['neighbour_baseline_object_top1']:.1%} top-1")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
