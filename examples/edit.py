@@ -90,7 +90,7 @@ def main(argv=None):
         guidance_scale=args.guidance_scale,
         mask_temperature=args.mask_temperature,
         sampling_temperature=args.sampling_temperature,
-        reuse_features=not args.no_reuse,
+        reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
         generator=torch.Generator().manual_seed(args.seed),
         output_type="latent",
     )

@@ -167,7 +167,7 @@ def test_released_autonat_layout_converts_with_the_preset():
     assert logits.shape == (1, 256, 1024) and torch.isfinite(logits).all()
 
 
-def test_cli_converts_an_autonat_checkpoint_pair_into_a_pipeline(tmp_path):
+def test_cli_converts_an_autonat_checkpoint_pair_into_a_pipeline(tmp_path, monkeypatch):
     out = tmp_path / "autonat"
     code, stderr = call_converter(
         "--transformer-checkpoint",
@@ -191,6 +191,23 @@ def test_cli_converts_an_autonat_checkpoint_pair_into_a_pipeline(tmp_path):
             pipe.transformer(ids, torch.tensor([3])).logits,
             converted("autonat_tiny.pth")(ids, torch.tensor([3])).logits,
         )
+    from test_generate import generate_here
+
+    code, stderr = generate_here(
+        "--model",
+        out,
+        "--class-labels",
+        1,
+        2,
+        "--steps",
+        4,
+        "--output-dir",
+        "gen",
+        cwd=tmp_path,
+        monkeypatch=monkeypatch,
+    )  # the example CLI runs a NAT folder as it is (no reuse)
+    assert code == 0, stderr
+    assert len(list((tmp_path / "gen").glob("*.png"))) >= 2
     code, stderr = call_converter(
         "--transformer-checkpoint", AUTONAT / "autonat_tiny.pth", "--num-attention-heads", 4,
         "--num-encoder-layers", 2, "--output-dir", tmp_path / "x",
