@@ -26,13 +26,13 @@ every variant in turn (interleaved), after one warm-up each, under `torch.infere
 """
 
 import argparse
-import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import VQModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from enat_diffusers import (
     ENATImg2ImgPipeline,
@@ -42,6 +42,10 @@ from enat_diffusers import (
     MaskedTokenScheduler,
     box_mask,
 )
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_flops import flop_counter  # noqa: E402
 
 
 def shapes_sized_pipeline() -> ENATPipeline:
@@ -74,14 +78,7 @@ def shapes_sized_pipeline() -> ENATPipeline:
 
 def count_flops(fn) -> (float, float):
     """(transformer GFLOPs, total GFLOPs) of one call."""
-
-    def sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        batch = math.prod(query_shape[:-2])
-        (num_queries, head_dim), num_keys = query_shape[-2:], key_shape[-2]
-        return 2 * batch * num_queries * num_keys * (head_dim + value_shape[-1])
-
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    with FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa_flops}) as counter:
+    with flop_counter() as counter:
         fn()
     per_module = counter.get_flop_counts()
     transformer = sum(per_module.get("ENATTransformer2DModel", {}).values())

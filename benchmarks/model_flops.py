@@ -100,8 +100,8 @@ def generation_flops(transformer, step_mask_ratios: Sequence[float], guided: boo
     return rows * total
 
 
-def counted_flops(fn: Callable) -> int:
-    """FLOPs of `fn()` as torch's `FlopCounterMode` counts them (2 per multiply-add).
+def flop_counter() -> FlopCounterMode:
+    """torch's `FlopCounterMode` (2 FLOPs per multiply-add), also counting the CPU attention kernel.
 
     torch counts the CUDA attention kernels but not the CPU one, so a formula for it is added (the same count as the
     two batched matmuls of a manual attention: 2*B*H*Nq*Nk*(Dh + Dv)).
@@ -113,6 +113,11 @@ def counted_flops(fn: Callable) -> int:
         return 2 * batch * num_queries * num_keys * (head_dim + value_shape[-1])
 
     cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    with FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa_flops}) as counter:
+    return FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa_flops})
+
+
+def counted_flops(fn: Callable) -> int:
+    """FLOPs of `fn()` as `flop_counter()` counts them."""
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops()

@@ -4,53 +4,11 @@ import pytest
 import torch
 
 from enat_diffusers import MaskedTokenScheduler
+from enat_diffusers.conversion.checkpoints import AUTONAT_L_T8_STRATEGY
 from enat_diffusers.schedulers.scheduling_masked_token import sample_categorical
 
 
 MASK = 1024
-
-# AutoNAT-L's searched 8-step strategy (reference/ANCHORS.md, configs/AutoNAT_L-T8_strategy.yaml)
-AUTONAT_L_T8 = dict(
-    mask_ratios=[
-        0.9531645174140464,
-        0.8795409806037042,
-        0.7940230737075623,
-        0.745995860948045,
-        0.6249785820461957,
-        0.407321956652571,
-        0.260658917067054,
-    ],
-    mask_temperatures=[
-        2.404912789740805,
-        2.477616274962803,
-        1.191696577294597,
-        0.7685444738649722,
-        1.0673489052089495,
-        0.9353720330515827,
-        0.7843839537838292,
-    ],
-    sampling_temperatures=[
-        2.8999037830310685,
-        1.867261830931786,
-        1.1443729673819831,
-        1.3796334226014182,
-        1.4699896959810144,
-        1.3760684112198358,
-        1.7082165405200722,
-        0.7133060703601533,
-    ],
-    guidance_scales=[
-        0.0001,
-        0.0001,
-        0.0001,
-        0.9151274967591447,
-        1.6160182878189675,
-        1.1945509026838659,
-        1.38322370140345,
-        1.22678520936251,
-    ],
-)
-
 
 def run(scheduler, seq_len=256, batch=2, generator=None, steps=8, start=None, **set_kwargs):
     """Runs the scheduler on random logits; returns the id tensors after every step."""
@@ -160,25 +118,25 @@ def test_grid_shaped_samples():
 
 
 def test_autonat_strategy_round_trips_and_drives_the_steps(tmp_path):
-    scheduler = MaskedTokenScheduler(**AUTONAT_L_T8)
+    scheduler = MaskedTokenScheduler(**AUTONAT_L_T8_STRATEGY)
     scheduler.save_pretrained(tmp_path)
     loaded = MaskedTokenScheduler.from_pretrained(tmp_path)
-    assert loaded.config.mask_ratios == AUTONAT_L_T8["mask_ratios"]
-    assert loaded.config.guidance_scales == AUTONAT_L_T8["guidance_scales"]
+    assert loaded.config.mask_ratios == AUTONAT_L_T8_STRATEGY["mask_ratios"]
+    assert loaded.config.guidance_scales == AUTONAT_L_T8_STRATEGY["guidance_scales"]
     assert loaded.strategy_num_steps == 8
     trace = run(loaded, generator=torch.Generator().manual_seed(0))
     counts = [int((out.prev_sample == MASK).sum(1).unique().item()) for out in trace]
-    assert counts == [math.floor(256 * r) for r in AUTONAT_L_T8["mask_ratios"]] + [0]
-    assert loaded.step_guidance_scales == AUTONAT_L_T8["guidance_scales"]
-    assert loaded.step_sampling_temperatures == AUTONAT_L_T8["sampling_temperatures"]
-    assert loaded.step_mask_temperatures == AUTONAT_L_T8["mask_temperatures"] + [0.0]
+    assert counts == [math.floor(256 * r) for r in AUTONAT_L_T8_STRATEGY["mask_ratios"]] + [0]
+    assert loaded.step_guidance_scales == AUTONAT_L_T8_STRATEGY["guidance_scales"]
+    assert loaded.step_sampling_temperatures == AUTONAT_L_T8_STRATEGY["sampling_temperatures"]
+    assert loaded.step_mask_temperatures == AUTONAT_L_T8_STRATEGY["mask_temperatures"] + [0.0]
 
 
 def test_invalid_configurations_and_arguments():
     with pytest.raises(ValueError, match="strategy is for 8 steps"):
-        MaskedTokenScheduler(**AUTONAT_L_T8).set_timesteps(4)
+        MaskedTokenScheduler(**AUTONAT_L_T8_STRATEGY).set_timesteps(4)
     with pytest.raises(ValueError, match="cannot override"):
-        MaskedTokenScheduler(**AUTONAT_L_T8).set_timesteps(8, guidance_scale=3.0)
+        MaskedTokenScheduler(**AUTONAT_L_T8_STRATEGY).set_timesteps(8, guidance_scale=3.0)
     with pytest.raises(ValueError, match="disagree on the number of steps"):
         MaskedTokenScheduler(mask_ratios=[0.5, 0.2], guidance_scales=[0, 1])
     with pytest.raises(ValueError, match="non-increasing"):

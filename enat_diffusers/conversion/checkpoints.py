@@ -177,6 +177,21 @@ def _require(state_dict, key, ndim):
     return state_dict[key].shape
 
 
+def _grid_side(num_positions: int) -> int:
+    side = math.isqrt(num_positions)
+    if side * side != num_positions:
+        raise CheckpointError(f"position embedding has {num_positions} rows, not a square token grid")
+    return side
+
+
+def _check_heads(num_attention_heads, hidden_size: int):
+    if not isinstance(num_attention_heads, int) or num_attention_heads < 1 or hidden_size % num_attention_heads:
+        raise CheckpointError(
+            f"num_attention_heads must be a positive divisor of the checkpoint's hidden size {hidden_size}, "
+            f"got {num_attention_heads}"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------ transformer
 
 
@@ -187,14 +202,8 @@ def transformer_config_from_state_dict(state_dict, num_attention_heads: int, num
     num_labels = _require(state_dict, "y_embedder.embedding_table.weight", 2)[0]
     mlp_hidden = _require(state_dict, "blocks.0.mlp.fc1.weight", 2)[0]
     depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    side = math.isqrt(num_positions)
-    if side * side != num_positions:
-        raise CheckpointError(f"position embedding has {num_positions} rows, not a square token grid")
-    if not isinstance(num_attention_heads, int) or num_attention_heads < 1 or hidden_size % num_attention_heads:
-        raise CheckpointError(
-            f"num_attention_heads must be a positive divisor of the checkpoint's hidden size {hidden_size}, "
-            f"got {num_attention_heads}"
-        )
+    side = _grid_side(num_positions)
+    _check_heads(num_attention_heads, hidden_size)
     if not 0 < num_encoder_layers < depth:
         raise CheckpointError(
             f"checkpoint has {depth} blocks; num_encoder_layers={num_encoder_layers} leaves no decoder block"
@@ -334,14 +343,8 @@ def nat_config_from_state_dict(state_dict, num_attention_heads: int) -> dict:
     num_labels = _require(state_dict, "context_embed.word_embeddings.weight", 2)[0]
     mlp_hidden = _require(state_dict, "mid_block.mlp.fc1.weight", 2)[0]
     num_in = len({int(m.group(1)) for k in state_dict if (m := re.match(r"in_blocks\.(\d+)\.", k))})
-    side = math.isqrt(num_positions)
-    if side * side != num_positions:
-        raise CheckpointError(f"position embedding has {num_positions} rows, not a square token grid")
-    if not isinstance(num_attention_heads, int) or num_attention_heads < 1 or hidden_size % num_attention_heads:
-        raise CheckpointError(
-            f"num_attention_heads must be a positive divisor of the checkpoint's hidden size {hidden_size}, "
-            f"got {num_attention_heads}"
-        )
+    side = _grid_side(num_positions)
+    _check_heads(num_attention_heads, hidden_size)
     if num_labels < 2:
         raise CheckpointError(f"the class embedding has {num_labels} rows: no room for a class and the null class")
     return {
