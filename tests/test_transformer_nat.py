@@ -283,3 +283,23 @@ def test_training_step_with_gradient_checkpointing():
     loss = model(ids, torch.tensor([0, 10])).logits.logsumexp(-1).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@torch.no_grad()
+def test_editing_pipelines_run_a_nat_and_keep_the_known_tokens():
+    from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, box_mask
+
+    components = nat_pipeline(converted("autonat_tiny.pth"), META["gen.strategy"]).components
+    components["scheduler"] = MaskedTokenScheduler(mask_token_id=32)  # an ENAT-formula schedule adapts to the edit
+    inpaint = ENATInpaintPipeline(**components)
+    inpaint.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask = box_mask(32, 32, (0, 0, 16, 16))  # the top-left quarter of the tokens
+    token_mask = inpaint.get_token_mask(mask)[0].reshape(-1)
+    encoded = inpaint.encode_image(image)[0].reshape(-1)
+    ids = inpaint(class_labels=[4], image=image, mask_image=mask, output_type="latent").images[0].reshape(-1)
+    assert torch.equal(ids[~token_mask], encoded[~token_mask]) and token_mask.sum() == 64
+    img2img = ENATImg2ImgPipeline(**components)
+    img2img.set_progress_bar_config(disable=True)
+    edited = img2img(class_labels=[4], image=image, strength=0.5, output_type="latent").images
+    assert edited.shape == (1, 16, 16) and (edited.reshape(-1) != encoded).any()
