@@ -141,7 +141,7 @@ def generated_batches(pipe, args, conditions: List[dict], share: range, accelera
             guidance_scale=args.guidance_scale,
             mask_temperature=args.mask_temperature,
             sampling_temperature=args.sampling_temperature,
-            reuse_features=not args.no_reuse,
+            reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
             generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
             output_type="pt",
         ).images

@@ -370,13 +370,14 @@ class ShapesAccuracy:
     Args:
         prompts (`List[str]`): e.g. `evaluation_prompts(100, seed=1)`, seen prompts of another seed than the reported
             ones (as `examples/shapes/sampling_sweep.py` does).
-        batch_size (`int`), seed (`int`), reuse_features (`bool`): Generation settings.
+        batch_size (`int`), seed (`int`), reuse_features (`bool`, *optional*): Generation settings (reuse: where
+            the model has it).
         accelerator (`accelerate.Accelerator`, *optional*): Splits the batches over its processes.
     """
 
     mode = "max"
 
-    def __init__(self, prompts: List[str], batch_size: int = 50, seed: int = 0, reuse_features=True, accelerator=None):
+    def __init__(self, prompts: List[str], batch_size: int = 50, seed: int = 0, reuse_features=None, accelerator=None):
         self.prompts, self.seed, self.reuse_features = list(prompts), seed, reuse_features
         self.evaluator = ShapesEval()
         self.shards = _Sharded(len(self.prompts), batch_size, accelerator)

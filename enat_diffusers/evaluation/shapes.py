@@ -395,7 +395,7 @@ def _evaluate_model(evaluator: ShapesEval, args, prompts: List[str], held_out: O
     pipe = ENATPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     print(f"generating {len(prompts)} images on {device} ...", file=sys.stderr)
-    pipe_kwargs = {"reuse_features": not args.no_reuse}
+    pipe_kwargs = {"reuse_features": False if args.no_reuse else None}  # None: reuse where the model has it
     if args.guidance_scale is not None:
         pipe_kwargs["guidance_scale"] = args.guidance_scale
     return evaluator.evaluate_pipeline(
