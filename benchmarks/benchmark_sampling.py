@@ -4,6 +4,8 @@
 
 Variants, interleaved within every repeat (A, B, C, A, B, C, ...) after one warm-up each, under inference mode:
 
+* O (only with `--original-repo DIR`, a checkout of LeapLabTHU/ENAT): the authors' own `libs/models.py` `DiT` and
+  `libs/nat_misc.py` `NATSchedule.generate`, imported from the checkout (`authors_enat.py`; needs einops);
 * A: `original_enat.generate`: re-statement of the original computation (two model calls per step, multiway kv,
   manual attention, boolean-index splits, host-syncing asserts, NumPy Gumbel noise);
 * B: `ENATPipeline(..., reuse_features=True)`: ours (cond+uncond in one batch, feature reuse);
@@ -20,8 +22,9 @@ All variants stop at token ids (B/C/D use `output_type="latent"`; no VQ decoding
 weights with exactly the shapes of the released checkpoints (`tests/fixtures/original_keys/*.json`); speed does not
 depend on the weight values because the number of masked tokens at every step is fixed by the schedule.
 
-Before timing, a correctness gate runs: on the tiny fixture checkpoint, A and B must reproduce the ids recorded from
-the original code exactly; then A and B are compared forward-by-forward on the benchmarked model.
+Before timing, a correctness gate runs: on the tiny fixture checkpoint, A and B (and O) must reproduce the ids
+recorded from the original code exactly; then A and B are compared forward-by-forward on the benchmarked model, and
+O's ids are compared with A's for the same seeds (required to be identical in float32).
 """
 
 import argparse
@@ -43,6 +46,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "conversion"))
 
+from authors_enat import AuthorsENAT, import_authors_code  # noqa: E402
 from model_flops import counted_flops, generation_flops  # noqa: E402
 from original_enat import OriginalENAT, generate  # noqa: E402
 
@@ -50,11 +54,17 @@ from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DM
 from enat_diffusers.conversion import build_transformer  # noqa: E402
 
 
-# model -> where the weights come from, architecture not stored in the file, and sampling settings
+# model -> where the weights come from, architecture not stored in the file, sampling settings, and the sizes of the
+# square matmuls that probe the peak (the tiny model is a functional check: a small probe)
+ENAT_L_PROBE = (2048, 3072, 4096)
 MODELS = {
-    "tiny": dict(keys=None, heads=4, encoder_layers=3, cfg=2.0, mask_temp=0.0, samp_temp=0.0),
-    "enat-l-256": dict(keys="enat_l_256.json", heads=16, encoder_layers=22, cfg=2.5, mask_temp=1.5, samp_temp=6.0),
-    "enat-l-512": dict(keys="enat_l_512.json", heads=16, encoder_layers=22, cfg=3.5, mask_temp=1.5, samp_temp=4.0),
+    "tiny": dict(keys=None, heads=4, encoder_layers=3, cfg=2.0, mask_temp=0.0, samp_temp=0.0, probe=(256, 512)),
+    "enat-l-256": dict(
+        keys="enat_l_256.json", heads=16, encoder_layers=22, cfg=2.5, mask_temp=1.5, samp_temp=6.0, probe=ENAT_L_PROBE
+    ),  # fmt: skip
+    "enat-l-512": dict(
+        keys="enat_l_512.json", heads=16, encoder_layers=22, cfg=3.5, mask_temp=1.5, samp_temp=4.0, probe=ENAT_L_PROBE
+    ),  # fmt: skip
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SEED = 0
@@ -105,8 +115,8 @@ def synchronize(device: torch.device):
 # ------------------------------------------------------------------------------------------------------ correctness
 
 
-def correctness_gate(device: torch.device) -> None:
-    """A and B must reproduce the original code's recorded generation (`gen.final_ids`) exactly, in float32."""
+def correctness_gate(device: torch.device, authors_code=None) -> None:
+    """A and B (and the authors' code O) must reproduce the recorded generation (`gen.final_ids`) exactly, float32."""
     meta = json.loads((FIXTURES / "fixture_meta.json").read_text())
     settings, null_label = meta["generation_fixture"], meta["null_class_label"]
     config = json.loads((FIXTURES / "enat_tiny_config.json").read_text())
@@ -126,11 +136,17 @@ def correctness_gate(device: torch.device) -> None:
         ids_b = pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=cfg,
                      mask_temperature=settings["mask_temp"], sampling_temperature=settings["samp_temp"],
                      output_type="latent").images.reshape(expected.shape).cpu()  # fmt: skip
-    ok_a, ok_b = torch.equal(ids_a, expected), torch.equal(ids_b, expected)
+    ok = {"A original-structure": torch.equal(ids_a, expected), "B ours (ENATPipeline)": torch.equal(ids_b, expected)}
+    if authors_code is not None:
+        authors = AuthorsENAT(authors_code, state_dict, heads, encoder_layers).to(device, torch.float32)
+        torch.manual_seed(SEED)
+        np.random.seed(SEED)
+        ids_o = authors.generate(labels.to(device), steps, cfg, settings["mask_temp"], settings["samp_temp"]).cpu()
+        ok["O authors' code"] = torch.equal(ids_o, expected)
     print(f"gate (tiny fixture, labels {labels.tolist()}, {steps} steps, cfg {cfg}, temps 0, float32):")
-    print(f"  A original-structure ids == recorded original ids: {ok_a}")
-    print(f"  B ours (ENATPipeline)    ids == recorded original ids: {ok_b}")
-    if not (ok_a and ok_b):
+    for name, equal in ok.items():
+        print(f"  {name:<22} ids == recorded original ids: {equal}")
+    if not all(ok.values()):
         raise SystemExit("correctness gate FAILED: not timing")
 
 
@@ -176,6 +192,11 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-nat", action="store_true", help="leave out variant D (the vanilla NAT)")
+    parser.add_argument(
+        "--original-repo",
+        type=Path,
+        help="a checkout of the authors' code (LeapLabTHU/ENAT): also time their own DiT and NATSchedule (variant O)",
+    )
     return parser.parse_args(argv)
 
 
@@ -211,12 +232,16 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype, spec = torch.device(args.device), DTYPES[args.dtype], MODELS[args.model]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    correctness_gate(device)
+    authors_code = import_authors_code(args.original_repo) if args.original_repo else None
+    correctness_gate(device, authors_code)
 
     start = time.perf_counter()
     state_dict = original_state_dict(args.model)
     original = OriginalENAT.from_state_dict(state_dict, spec["heads"], spec["encoder_layers"])
     pipe = make_pipeline(build_transformer(state_dict, spec["heads"], spec["encoder_layers"]))
+    authors = None
+    if authors_code is not None:
+        authors = AuthorsENAT(authors_code, state_dict, spec["heads"], spec["encoder_layers"]).to(device, dtype)
     del state_dict
     original.to(device=device, dtype=dtype)
     pipe.to(device)
@@ -244,7 +269,13 @@ def main(argv=None):
                     mask_temperature=mask_temp, sampling_temperature=samp_temp, reuse_features=reuse,
                     generator=generator, output_type="latent").images  # fmt: skip
 
-    variants = {
+    def run_o():
+        torch.manual_seed(SEED)
+        np.random.seed(SEED)
+        return authors.generate(torch.tensor(labels, device=device), args.steps, cfg, mask_temp, samp_temp)
+
+    variants = {"O authors' code": run_o} if authors is not None else {}
+    variants |= {
         "A original structure": run_a,
         "B ours (reuse)": lambda: run_ours(pipe, True),
         "C ours (no reuse)": lambda: run_ours(pipe, False),
@@ -255,6 +286,13 @@ def main(argv=None):
         name: generation_flops(pipe.transformer, ratios, cfg > 0, reuse) / 1e9
         for name, reuse in (("A original structure", True), ("B ours (reuse)", True), ("C ours (no reuse)", False))
     }
+    if authors is not None:
+        analytic["O authors' code"] = analytic["A original structure"]  # the same computation
+        with torch.inference_mode():
+            same = torch.equal(run_o().cpu(), run_a().cpu())
+        print(f"  O authors' code ids == A original-structure ids (seed {SEED}, {args.dtype}): {same}")
+        if not same and dtype == torch.float32:
+            raise SystemExit("O and A differ in float32: not timing")
     if not args.no_nat and args.model != "tiny":
         nat_pipe = make_pipeline(vanilla_nat(pipe.transformer, dtype)).to(device)
         variants["D vanilla NAT"] = lambda: run_ours(nat_pipe, None)
@@ -271,18 +309,20 @@ def main(argv=None):
                 peak_memory[name] = (torch.cuda.max_memory_allocated(device) - resident) / 2**30
             gflops[name] = counted_flops(fn) / 1e9
             print(f"  warm-up {name}: {warmup:.3f}s")
-        peak = matmul_peak_tflops(dtype, device)
+        peak = matmul_peak_tflops(dtype, device, spec["probe"])
         for repeat in range(args.repeats):
             for name, fn in variants.items():
                 times[name].append(timed(fn, device))
             print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{t[-1]:.3f}s" for t in times.values()))
-        peak = max(peak, matmul_peak_tflops(dtype, device))  # probed before and after the repeats: the better one
+        # probed before and after the repeats: the better one
+        peak = max(peak, matmul_peak_tflops(dtype, device, spec["probe"]))
 
     median = {name: statistics.median(values) for name, values in times.items()}
     per_image = {name: analytic[name] / args.batch_size for name in variants}
     print()
     print(f"model {args.model} | {args.dtype} | batch {args.batch_size} | {args.steps} steps | {device} "
-          f"| {args.repeats} repeats | matmul peak {peak:.3f} TFLOP/s ({args.dtype}, square 2048-4096)")  # fmt: skip
+          f"| {args.repeats} repeats | matmul peak {peak:.3f} TFLOP/s ({args.dtype}, "
+          f"square {spec['probe'][0]}-{spec['probe'][-1]})")  # fmt: skip
     header = (f"{'variant':<22} {'median s/gen':>12} {'min s/gen':>10} {'images/s':>9} {'GFLOPs/img':>11} "
               f"{'counted':>9} {'TFLOP/s':>8} {'util':>6}")  # fmt: skip
     print(header + (f" {'peak GiB*':>10}" if peak_memory else ""))
@@ -299,10 +339,15 @@ def main(argv=None):
     if peak_memory:
         weights = sum(p.numel() * p.element_size() for p in original.parameters()) / 2**30
         print(f"* torch.cuda.max_memory_allocated above the resident weights (weights per model: {weights:.2f} GiB)")
-    a, b, c = (median[name] for name in list(variants)[:3])
+    a, b, c = (median[name] for name in ("A original structure", "B ours (reuse)", "C ours (no reuse)"))
     print(f"speed-up of ours over the original structure (A/B): {a / b:.2f}")
     print(f"speed-up from feature reuse (C/B): {c / b:.2f}")
-    goals = [
+    goals = []
+    if authors is not None:
+        o = median["O authors' code"]
+        print(f"speed-up of ours over the authors' code (O/B): {o / b:.2f}")
+        goals.append(("speed vs the authors' code, same dtype", o / b, 2.0))
+    goals += [
         ("speed vs the original structure, same dtype", a / b, 2.0),
         ("FLOPs without / with reuse", per_image["C ours (no reuse)"] / per_image["B ours (reuse)"], 1.7),
     ]

@@ -177,17 +177,7 @@ class OriginalENAT(nn.Module):
     @classmethod
     def from_state_dict(cls, state_dict, num_heads: int, num_encoder_blocks: int) -> "OriginalENAT":
         """Builds the model from an original-format state dict (strict load); shapes give the rest."""
-        vocab, dim = state_dict["x_embedder.word_embeddings.weight"].shape
-        depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-        model = cls(
-            input_size=math.isqrt(state_dict["x_embedder.position_embeddings.weight"].shape[0]),
-            hidden_size=dim,
-            num_heads=num_heads,
-            enc_dec=(num_encoder_blocks, depth - num_encoder_blocks),
-            mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-            num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
-            codebook_size=vocab - 1,
-        )
+        model = cls(num_heads=num_heads, **architecture(state_dict, num_encoder_blocks))
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
@@ -237,6 +227,20 @@ class OriginalENAT(nn.Module):
         if return_dict:
             return {"masking": masking, "feat": feat, "logits": logits}
         return logits
+
+
+def architecture(state_dict, num_encoder_blocks: int) -> dict:
+    """The `DiT` constructor arguments that an original-format state dict's shapes determine (all but the heads)."""
+    vocab, dim = state_dict["x_embedder.word_embeddings.weight"].shape
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    return dict(
+        input_size=math.isqrt(state_dict["x_embedder.position_embeddings.weight"].shape[0]),
+        hidden_size=dim,
+        enc_dec=(num_encoder_blocks, depth - num_encoder_blocks),
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        codebook_size=vocab - 1,
+    )
 
 
 @torch.no_grad()
