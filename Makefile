@@ -54,8 +54,7 @@ SHAPES_TRAIN := $(TRAIN_DIR)/data/train
 SHAPES_VAL := $(TRAIN_DIR)/data/validation
 ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder_name_or_path $(TRAIN_DIR)/clip \
 	--transformer_config examples/shapes/transformer_config.json --train_data_dir $(SHAPES_TRAIN) --no_random_flip \
-	--sincos_position_embeddings --beta_alpha_beta 2 1 \
-	--output_dir $(TRAIN_DIR)/enat-shapes --train_batch_size 64 --max_train_steps 2200 --learning_rate 1e-3 \
+	--output_dir $(TRAIN_DIR)/enat-shapes --train_batch_size 64 --max_train_steps 2600 --learning_rate 1e-3 \
 	--lr_scheduler cosine --lr_warmup_steps 100 --adam_beta1 0.9 --ema_decay 0.995 --checkpointing_steps 100 \
 	--checkpoints_total_limit 2 --validation_steps 650 --seed 0 --report_to tensorboard --validation_prompts \
 	"a large red circle on the left and a small blue square on the right" "a small yellow triangle at the top" \
