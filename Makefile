@@ -47,6 +47,7 @@ CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-enco
 # $(TRAIN_DIR). Every stage resumes from its last checkpoint when interrupted; a finished stage is skipped. Copy the
 # result over the shipped model with `make install-demo-model`.
 TRAIN_DIR ?= outputs/train-demo
+VQ_SEED ?= 0
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: give the one process every core
 ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no \
 	--num_cpu_threads_per_process $(shell nproc)
@@ -99,8 +100,16 @@ $(TRAIN_DIR)/vqgan/vqvae/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 		--output_dir $(TRAIN_DIR)/vqgan --resolution 64 --block_out_channels 16 32 32 --layers_per_block 1 \
 		--norm_num_groups 8 --latent_channels 16 --vq_embed_dim 16 --num_vq_embeddings 32 --train_batch_size 16 \
 		--max_train_steps 1200 --learning_rate 2e-3 --lr_scheduler cosine --lr_warmup_steps 50 \
-		--quantizer_warmup_steps 150 --codebook_restart_steps 25 --checkpointing_steps 400 --seed 0 \
+		--quantizer_warmup_steps 150 --codebook_restart_steps 25 --checkpointing_steps 400 --seed $(VQ_SEED) \
 		--resume_from_checkpoint latest
+
+# A VQ model whose reconstructions fail ShapesEval caps everything trained on its tokens: stop before the ENAT stage.
+# VQ training at this length varies from run to run (seed, thread count); train another with e.g. VQ_SEED=1.
+$(TRAIN_DIR)/vqgan/tokenizer_report.json: $(TRAIN_DIR)/vqgan/vqvae/config.json
+	$(PY) examples/shapes/tokenizer_report.py --vqvae $(TRAIN_DIR)/vqgan/vqvae --data $(SHAPES_VAL) \
+		--min-shapes-eval 95 --json $@.tmp || (rm -f $@.tmp; echo "retrain the VQ model in another folder, e.g." \
+		"make train-demo TRAIN_DIR=$(TRAIN_DIR)-seed1 VQ_SEED=1" && false)
+	mv $@.tmp $@
 
 $(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 	$(ACCELERATE) examples/train_text_encoder.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
@@ -109,7 +118,8 @@ $(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 		--patch_size 8 --train_batch_size 128 --max_train_steps 1000 --learning_rate 2e-3 --lr_warmup_steps 100 \
 		--hard_negative_weight 1.0 --checkpointing_steps 250 --seed 0 --resume_from_checkpoint latest
 
-$(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json
+$(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json \
+		| $(TRAIN_DIR)/vqgan/tokenizer_report.json
 	$(ACCELERATE) examples/train_enat.py $(ENAT_SHAPES_ARGS) --resume_from_checkpoint latest
 
 # the sampling defaults (guidance, temperatures) chosen by ShapesEval on other prompts than the reported ones

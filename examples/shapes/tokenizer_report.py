@@ -3,6 +3,10 @@ reconstructions still pass ShapesEval.
 
     python examples/shapes/tokenizer_report.py --vqvae pretrained/enat-shapes/vqvae --data shapes/validation
 
+With `--min-shapes-eval P` it exits with an error when fewer than P % of the reconstructions pass ShapesEval: a
+generator trained on that tokenizer's ids could not do better (`make train-demo` stops there). `--json FILE` also
+writes the numbers.
+
 A background token is one whose 20x20 px neighbourhood (its 4x4 patch plus 8 px on every side) is all background.
 Reported: how many codes those tokens use, the entropy of their ids, and that entropy given the token's position (what
 a generator has to guess for plain background); the token entropy over all tokens; MSE / PSNR and ShapesEval of the
@@ -11,6 +15,7 @@ reconstructions through the token-id path the pipeline decodes with.
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,6 +39,8 @@ def main(argv=None):
     parser.add_argument("--vqvae", required=True, help="a VQModel folder (64x64 images -> 16x16 tokens)")
     parser.add_argument("--data", required=True, help="an imagefolder split with metadata.jsonl")
     parser.add_argument("--num-images", type=int, default=600)
+    parser.add_argument("--min-shapes-eval", type=float, help="fail when fewer reconstructions (%%) pass ShapesEval")
+    parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
 
     vqvae = VQModel.from_pretrained(args.vqvae).eval()
@@ -80,7 +87,27 @@ def main(argv=None):
     )
     print(f"all tokens: {len(np.unique(ids))} codes used, entropy {entropy(ids):.2f} nats")
     accuracy = 100 * report["all"]["prompt"]
-    print(f"reconstructions: MSE {mse:.5f}, PSNR {-10 * np.log10(mse):.2f} dB, ShapesEval {accuracy:.1f} %")
+    psnr = -10 * np.log10(mse)
+    print(f"reconstructions: MSE {mse:.5f}, PSNR {psnr:.2f} dB, ShapesEval {accuracy:.1f} %")
+    if args.json:
+        numbers = dict(
+            vqvae=args.vqvae,
+            num_images=len(rows),
+            background_codes=len(np.unique(background_ids)),
+            background_entropy=entropy(background_ids),
+            background_entropy_given_position=conditional,
+            codes_used=len(np.unique(ids)),
+            token_entropy=entropy(ids),
+            mse=mse,
+            psnr=psnr,
+            shapes_eval=accuracy,
+        )
+        Path(args.json).write_text(json.dumps(numbers, indent=1))
+    if args.min_shapes_eval is not None and accuracy < args.min_shapes_eval:
+        sys.exit(
+            f"{args.vqvae}: only {accuracy:.1f} % of the reconstructions pass ShapesEval (required: "
+            f"{args.min_shapes_eval:g} %); a generator trained on its token ids cannot draw the shapes better."
+        )
 
 
 if __name__ == "__main__":

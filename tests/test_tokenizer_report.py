@@ -1,0 +1,51 @@
+"""`examples/shapes/tokenizer_report.py`: the VQ check that `make train-demo` runs before training ENAT."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import ROOT, call_main
+from diffusers import VQModel
+
+from enat_diffusers.data.shapes import write_imagefolder
+
+
+spec = importlib.util.spec_from_file_location("tokenizer_report", ROOT / "examples" / "shapes" / "tokenizer_report.py")
+tokenizer_report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tokenizer_report)
+
+SHIPPED_VQ = ROOT / "pretrained" / "enat-shapes" / "vqvae"
+pytestmark = pytest.mark.skipif(not SHIPPED_VQ.is_dir(), reason="pretrained/enat-shapes has not shipped yet")
+
+
+@pytest.fixture(scope="module")
+def validation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_imagefolder(root, num_train=1, num_val=40, seed=0)
+    return root / "validation"
+
+
+def test_a_good_tokenizer_passes_and_its_numbers_are_written(validation, tmp_path):
+    code, err = call_main(
+        tokenizer_report.main, "--vqvae", SHIPPED_VQ, "--data", validation, "--num-images", 40,
+        "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
+    )  # fmt: skip
+    assert code == 0, err
+    numbers = json.loads((tmp_path / "report.json").read_text())
+    assert numbers["num_images"] == 40 and numbers["codes_used"] <= 32
+    assert numbers["shapes_eval"] >= 95 and numbers["psnr"] > 25
+
+
+def test_a_tokenizer_whose_reconstructions_fail_shapes_eval_stops(validation, tmp_path):
+    broken = VQModel.from_pretrained(SHIPPED_VQ)
+    with torch.no_grad():  # every token decodes as the first code: no shapes survive the round trip
+        broken.quantize.embedding.weight[:] = broken.quantize.embedding.weight[0]
+    broken.save_pretrained(tmp_path / "broken")
+    code, err = call_main(
+        tokenizer_report.main, "--vqvae", tmp_path / "broken", "--data", validation, "--num-images", 40,
+        "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
+    )  # fmt: skip
+    assert code == 1
+    assert "of the reconstructions pass ShapesEval (required: 95 %)" in err
+    assert json.loads((tmp_path / "report.json").read_text())["shapes_eval"] < 95
