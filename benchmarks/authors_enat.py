@@ -76,9 +76,6 @@ class AuthorsENAT:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def parameters(self):
-        return self.model.parameters()
-
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, steps: int, cfg_scale: float, mask_temp: float, samp_temp: float):
         """`NATSchedule.generate` with the sampling settings; labels (n,) -> final sampled ids (n, L).

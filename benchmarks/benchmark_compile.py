@@ -19,14 +19,13 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_sampling import MODELS, make_pipeline, original_state_dict, synchronize  # noqa: E402
+from benchmark_sampling import MODELS, make_pipeline, original_state_dict, timed  # noqa: E402
 
 from enat_diffusers import ENATPipeline  # noqa: E402
 from enat_diffusers.conversion import build_transformer  # noqa: E402
@@ -75,36 +74,26 @@ def main(argv=None):
             output_type="latent",
         ).images
 
-    def timed(fn):
-        synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        return time.perf_counter() - start, result
-
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, model {args.model}, "
           f"batch {args.batch_size}, {args.steps} steps, reuse {'off' if args.no_reuse else 'default'}")  # fmt: skip
     times = {"eager": [], "compiled": []}
     with torch.inference_mode():
-        warm_eager, _ = timed(lambda: run(eager))
-        compile_seconds, _ = timed(lambda: run(compiled))
-        second_compiled, _ = timed(lambda: run(compiled))  # shapes the first call did not see compile here
+        warm_eager = timed(lambda: run(eager), device)
+        compile_seconds = timed(lambda: run(compiled), device)
+        second_compiled = timed(lambda: run(compiled), device)  # shapes the first call did not see compile here
         print(
             f"warm-up: eager {warm_eager:.2f}s; compiled: first call {compile_seconds:.1f}s, "
             f"second {second_compiled:.2f}s"
         )
         for repeat in range(args.repeats):
             for name, pipe in (("eager", eager), ("compiled", compiled)):
-                seconds, ids = timed(lambda: run(pipe))
-                times[name].append(seconds)
-                if repeat == 0:
-                    times[name + " ids"] = ids
+                times[name].append(timed(lambda: run(pipe), device))
             print(
                 f"  repeat {repeat + 1}/{args.repeats}: "
                 + ", ".join(f"{times[n][-1]:.3f}s" for n in ("eager", "compiled"))
             )
 
-    agreement = (times["eager ids"] == times["compiled ids"]).float().mean().item()
+        agreement = (run(eager) == run(compiled)).float().mean().item()
     print()
     print("| variant | min s | median s | images/s (median) |")
     print("|---|---|---|---|")

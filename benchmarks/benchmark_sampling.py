@@ -107,6 +107,12 @@ def make_pipeline(transformer) -> ENATPipeline:
     return pipe
 
 
+def seed_original_rngs():
+    """The original sampler draws from torch's and NumPy's global RNGs (A and O): seed both before every run."""
+    torch.manual_seed(SEED)
+    np.random.seed(SEED)
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -129,8 +135,7 @@ def correctness_gate(device: torch.device, authors_code=None) -> None:
     pipe = make_pipeline(build_transformer(state_dict, heads, encoder_layers)).to(device)
     steps, cfg = settings["num_steps"], settings["cfg_scale"]
     with torch.inference_mode():
-        torch.manual_seed(SEED)
-        np.random.seed(SEED)
+        seed_original_rngs()
         ids_a = generate(original, labels.to(device), steps, cfg, settings["mask_temp"], settings["samp_temp"],
                          null_label).cpu()  # fmt: skip
         ids_b = pipe(class_labels=labels.tolist(), num_inference_steps=steps, guidance_scale=cfg,
@@ -139,8 +144,7 @@ def correctness_gate(device: torch.device, authors_code=None) -> None:
     ok = {"A original-structure": torch.equal(ids_a, expected), "B ours (ENATPipeline)": torch.equal(ids_b, expected)}
     if authors_code is not None:
         authors = AuthorsENAT(authors_code, state_dict, heads, encoder_layers).to(device, torch.float32)
-        torch.manual_seed(SEED)
-        np.random.seed(SEED)
+        seed_original_rngs()
         ids_o = authors.generate(labels.to(device), steps, cfg, settings["mask_temp"], settings["samp_temp"]).cpu()
         ok["O authors' code"] = torch.equal(ids_o, expected)
     print(f"gate (tiny fixture, labels {labels.tolist()}, {steps} steps, cfg {cfg}, temps 0, float32):")
@@ -258,8 +262,7 @@ def main(argv=None):
           f"samp_temp {samp_temp}, labels {labels[:8]}{' ...' if len(labels) > 8 else ''}")  # fmt: skip
 
     def run_a():
-        torch.manual_seed(SEED)
-        np.random.seed(SEED)
+        seed_original_rngs()
         label_tensor = torch.tensor(labels, device=device)
         return generate(original, label_tensor, args.steps, cfg, mask_temp, samp_temp, null_label=num_classes)
 
@@ -270,8 +273,7 @@ def main(argv=None):
                     generator=generator, output_type="latent").images  # fmt: skip
 
     def run_o():
-        torch.manual_seed(SEED)
-        np.random.seed(SEED)
+        seed_original_rngs()
         return authors.generate(torch.tensor(labels, device=device), args.steps, cfg, mask_temp, samp_temp)
 
     variants = {"O authors' code": run_o} if authors is not None else {}
