@@ -57,19 +57,23 @@ def make_checkout(root: Path, corruption: str = "") -> Path:
     return root
 
 
-def run_benchmark(checkout: Path) -> subprocess.CompletedProcess:
+def run_benchmark(checkout: Path, batch_size: int = 1) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_sampling.py"), "--model", "tiny", "--repeats", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        command + ["--original-repo", str(checkout)], capture_output=True, text=True, env=env, timeout=600
-    )
+    command += ["--batch-size", str(batch_size), "--original-repo", str(checkout)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_authors_code_is_gated_and_timed(tmp_path):
     checkout = make_checkout(tmp_path / "ENAT")
-    result = run_benchmark(checkout)
+    result = run_benchmark(checkout, batch_size=2)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    for line in out.splitlines():  # per image at batch 2: the analytic count equals torch's, and FLOP/s add up
+        if line.startswith(("A original structure ", "B ours (reuse) ", "C ours (no reuse) ", "O authors' code ")):
+            median, fastest, images_per_s, analytic, counted, tflops = (float(v) for v in line[22:].split()[:6])
+            assert analytic == pytest.approx(counted, rel=1e-3) and images_per_s == pytest.approx(2 / median, rel=0.02)
+            assert tflops == pytest.approx(analytic * 2 / fastest / 1e3, abs=6e-4)  # the batch's FLOPs / fastest run
     assert re.search(r"O authors' code +ids == recorded original ids: True", out)
     assert "O authors' code ids == A original-structure ids (seed 0, float32): True" in out
     rows = [line for line in out.splitlines() if line.startswith("O authors' code ")]
