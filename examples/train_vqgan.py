@@ -27,9 +27,9 @@ codes split the flat background by its surroundings, and the token a generator m
 becomes a guess among many equivalent ids. Measured on Shapes validation images (patches whose 20x20 px neighbourhood
 is all background): 256 codes put that background on 80 codes (entropy 3.6 nats; 2.6 nats even given the token's
 position), 32 codes on 14 (2.1 nats; 0.8 given the position), while reconstructions still pass ShapesEval on every
-image (PSNR 29 dB); `examples/shapes/tokenizer_report.py` measures this. The 1200 steps (batch 16) took 13 minutes on one
-CPU thread, with another training job on the second core. Check the colours in `validation_reconstructions.png`: they
-are the last thing a VQ model gets right.
+image (PSNR 29 dB); `examples/shapes/tokenizer_report.py` measures this. The 1200 steps (batch 16) took 13 minutes on
+one CPU thread, with another training job on the second core. Check the colours in `validation_reconstructions.png`:
+they are the last thing a VQ model gets right.
 
     accelerate launch examples/train_vqgan.py \\
         --train_data_dir shapes/train --output_dir vqgan-shapes \\
