@@ -96,7 +96,7 @@ def corrupt(pipe: ENATPipeline, ids, captions, generator, args, temperature) -> 
     num_masked = max(1, round(seq_len * ratio.item()))
     order = torch.rand(batch_size, seq_len, generator=generator).argsort(1).to(ids.device)
     masked = torch.zeros_like(ids, dtype=torch.bool).scatter(1, order[:, :num_masked], True)
-    text, pooled = pipe._encode_text(captions, ids.device)
+    text, pooled, _, _ = pipe.encode_prompt(captions, ids.device, do_classifier_free_guidance=False)
     logits = transformer(
         ids.masked_fill(masked, transformer.mask_token_id), encoder_hidden_states=text, pooled_text_embeds=pooled
     ).logits.float()

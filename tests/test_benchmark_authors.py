@@ -74,6 +74,10 @@ def test_authors_code_is_gated_and_timed(tmp_path):
             median, fastest, images_per_s, analytic, counted, tflops = (float(v) for v in line[22:].split()[:6])
             assert analytic == pytest.approx(counted, rel=1e-3) and images_per_s == pytest.approx(2 / median, rel=0.02)
             assert tflops == pytest.approx(analytic * 2 / fastest / 1e3, abs=6e-4)  # the batch's FLOPs / fastest run
+        if line.startswith("B ours (reuse) "):
+            utilisation = float(line.split()[-1].rstrip("%")) / 100
+    goal = re.search(r"utilisation of the matmul peak \(B\) +([0-9.]+)", out)
+    assert goal and float(goal.group(1)) == pytest.approx(utilisation, abs=0.006)  # the goal is the table's value
     assert re.search(r"O authors' code +ids == recorded original ids: True", out)
     assert "O authors' code ids == A original-structure ids (seed 0, float32): True" in out
     rows = [line for line in out.splitlines() if line.startswith("O authors' code ")]
