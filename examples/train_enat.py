@@ -9,6 +9,9 @@ The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
   cross-entropy on the masked positions only with label smoothing 0.1, condition dropout p = 0.15 (null class /
   empty prompt) for guidance;
 - AdamW (lr 4e-4, weight decay 0.03, betas (0.99, 0.99)) with a linear warm-up, an EMA of the weights;
+- editing masks (this package's addition, off by default): with `--region_mask_prob P` a batch is masked as
+  inpainting masks it, the ratio applied inside a random half or quarter of each grid with the rest visible; it
+  raised inpainting ShapesEval of the Shapes model from 31.0 to 37.3 % in a 250-step fine-tune (README, Editing);
 - reuse training: with probability 0.5 the EMA model first runs (without gradients) on the input with a random
   fraction of its visible tokens masked as well, and the training forward takes that output's `reuse_state`, so the
   model learns to use the previous step's features as sampling will feed them.
@@ -189,6 +192,15 @@ def parse_args(input_args=None):
         "of the original initialisation) instead of N(0, 0.02): short runs learn spatial neighbourhoods sooner.",
     )
     parser.add_argument(
+        "--region_mask_prob",
+        type=float,
+        default=0.0,
+        help="Probability that a batch is masked as editing masks it (0: ENAT's recipe): each image gets a random "
+        "half or quarter of its token grid (one size per batch) as the region to regenerate, and the batch's mask "
+        "ratio applies inside that region only; everything outside stays visible, as the known tokens of "
+        "ENATInpaintPipeline do.",
+    )
+    parser.add_argument(
         "--reuse_prob", type=float, default=0.5, help="Probability that a batch is trained with a reuse state."
     )
     parser.add_argument(
@@ -279,7 +291,7 @@ def parse_args(input_args=None):
         raise ValueError(f"--beta_alpha_beta must be two positive numbers, got {args.beta_alpha_beta}.")
     if args.sincos_position_embeddings and args.transformer_config is None:
         raise ValueError("--sincos_position_embeddings initialises a new model: it needs --transformer_config.")
-    for name in ("cond_dropout_prob", "reuse_prob", "label_smoothing", "ema_decay"):
+    for name in ("cond_dropout_prob", "region_mask_prob", "reuse_prob", "label_smoothing", "ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
     positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "encode_batch_size"]
@@ -825,6 +837,32 @@ class TextConditions:
         return {"encoder_hidden_states": hidden, "pooled_text_embeds": pooled}
 
 
+def mask_in_regions(
+    clean: torch.LongTensor, mask_token_id: int, side: int, ratio: float, generator
+) -> torch.LongTensor:
+    """
+    Editing-style training masks for `clean` `(B, side**2)`: the region to regenerate is a random half (left, right,
+    top or bottom) of every image's grid, or a random quarter (one of the four quadrants), one size for the whole
+    batch; `round(region_size * ratio)` tokens of the region (at least 1) are masked at random, none outside it.
+    Every row gets the same count.
+    """
+    batch_size = clean.shape[0]
+    half = side // 2
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    lower = torch.stack([rows >= half, cols >= half])  # (2, side, side): bottom half, right half
+    choice = torch.randint(4, (batch_size,), generator=generator)
+    if torch.rand((), generator=generator) < 0.5:  # halves: left, right, top, bottom
+        axis, upper = choice // 2, choice % 2 == 1
+        region = lower[1 - axis] == upper[:, None, None]
+    else:  # quadrants
+        region = (lower[0] == (choice // 2 == 1)[:, None, None]) & (lower[1] == (choice % 2 == 1)[:, None, None])
+    region = region.reshape(batch_size, -1)
+    count = max(round(int(region[0].sum()) * ratio), 1)
+    scores = torch.rand(region.shape, generator=generator).masked_fill(~region, 2.0)  # outside: never picked
+    masked = torch.zeros_like(region).scatter_(1, scores.topk(count, dim=1, largest=False).indices, True)
+    return clean.masked_fill(masked, mask_token_id)
+
+
 def mask_previous_step(input_ids: torch.LongTensor, mask_token_id: int, generator) -> torch.LongTensor:
     """
     The input of a simulated previous sampling step for reuse training: the masked tokens of `input_ids` plus `k`
@@ -1182,7 +1220,11 @@ def main(args):
             clean = tokens[image_indices, views].long()  # (B, L)
             drop = torch.rand(batch_size, generator=generator) < args.cond_dropout_prob
             condition = {k: v.to(accelerator.device) for k, v in conditions(image_indices, drop, generator).items()}
-            input_ids = scheduler.add_noise(clean, generator=generator)
+            if args.region_mask_prob and torch.rand((), generator=generator) < args.region_mask_prob:
+                ratio = scheduler.sample_mask_ratio(generator)
+                input_ids = mask_in_regions(clean, mask_token_id, transformer.config.sample_size, ratio, generator)
+            else:
+                input_ids = scheduler.add_noise(clean, generator=generator)
             masked = input_ids == mask_token_id
             reuse = bool(torch.rand((), generator=generator) < args.reuse_prob)
             previous_ids = mask_previous_step(input_ids, mask_token_id, generator) if reuse else None

@@ -332,6 +332,38 @@ def test_reuse_training_input_masks_more_tokens_of_each_row():
         assert torch.equal(previous[~then_masked], input_ids[~then_masked])
 
 
+def test_region_masks_cover_a_half_or_a_quarter_and_the_ratio_inside_it():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, CODES, (8, 64), generator=generator)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    regions = {
+        "left": cols < 4, "right": cols >= 4, "top": rows < 4, "bottom": rows >= 4,
+        "top-left": (rows < 4) & (cols < 4), "top-right": (rows < 4) & (cols >= 4),
+        "bottom-left": (rows >= 4) & (cols < 4), "bottom-right": (rows >= 4) & (cols >= 4),
+    }  # fmt: skip
+    seen = set()
+    for _ in range(40):
+        noisy = train_enat.mask_in_regions(clean, CODES, 8, 0.75, generator)
+        masked = (noisy == CODES).reshape(8, 8, 8)
+        counts = masked.sum((1, 2))
+        assert torch.all(counts == counts[0]) and int(counts[0]) in (24, 12)  # 0.75 of 32 or of 16 tokens
+        for row in masked:
+            inside = [name for name, region in regions.items() if not (row & ~region).any()]
+            size = 32 if counts[0] == 24 else 16
+            inside = [name for name in inside if int(regions[name].sum()) == size]
+            assert len(inside) == 1  # exactly one region of the batch's size holds every masked token
+            seen.add(inside[0])
+        assert torch.equal(noisy[noisy != CODES], clean[noisy != CODES])
+    assert seen == set(regions)  # all four halves and all four quarters occur
+
+
+def test_region_mask_prob_trains_on_region_masks(base, class_data, tmp_path):
+    output_dir = tmp_path / "out"
+    class_run(base, class_data, output_dir, "--region_mask_prob", "1")
+    ratios = [float(row.split(",")[3]) for row in (output_dir / "train_log.csv").read_text().splitlines()[1:]]
+    assert ratios and all(0 < r <= 0.5 for r in ratios)  # at most a half of the grid is ever masked
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 
 
