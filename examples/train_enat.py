@@ -847,15 +847,16 @@ def mask_in_regions(
     Every row gets the same count.
     """
     batch_size = clean.shape[0]
-    half = side // 2
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    lower = torch.stack([rows >= half, cols >= half])  # (2, side, side): bottom half, right half
+    line, half = torch.arange(side), side // 2
+    # rows/columns of the first half, of the second half (equal sizes: an odd grid's middle line is in neither), all
+    spans = torch.stack([line < half, line >= side - half, torch.ones(side, dtype=torch.bool)])
     choice = torch.randint(4, (batch_size,), generator=generator)
-    if torch.rand((), generator=generator) < 0.5:  # halves: left, right, top, bottom
-        axis, upper = choice // 2, choice % 2 == 1
-        region = lower[1 - axis] == upper[:, None, None]
-    else:  # quadrants
-        region = (lower[0] == (choice // 2 == 1)[:, None, None]) & (lower[1] == (choice % 2 == 1)[:, None, None])
+    if torch.rand((), generator=generator) < 0.5:  # halves: left, right (all rows), top, bottom (all columns)
+        by_columns, end = choice < 2, choice % 2
+        row_span, column_span = torch.where(by_columns, 2, end), torch.where(by_columns, end, 2)
+    else:  # quarters
+        row_span, column_span = choice // 2, choice % 2
+    region = spans[row_span][:, :, None] & spans[column_span][:, None, :]  # (B, side, side)
     region = region.reshape(batch_size, -1)
     count = max(round(int(region[0].sum()) * ratio), 1)
     scores = torch.rand(region.shape, generator=generator).masked_fill(~region, 2.0)  # outside: never picked

@@ -355,6 +355,8 @@ def test_region_masks_cover_a_half_or_a_quarter_and_the_ratio_inside_it():
             seen.add(inside[0])
         assert torch.equal(noisy[noisy != CODES], clean[noisy != CODES])
     assert seen == set(regions)  # all four halves and all four quarters occur
+    odd = train_enat.mask_in_regions(torch.zeros(16, 25, dtype=torch.long), CODES, 5, 1.0, generator)
+    assert torch.all((odd == CODES).sum(1) == (odd == CODES).sum(1)[0])  # a 5x5 grid: equal halves of 2 lines
 
 
 def test_region_mask_prob_trains_on_region_masks(base, class_data, tmp_path):
