@@ -28,6 +28,7 @@ O's ids are compared with A's for the same seeds (required to be identical in fl
 """
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -249,6 +250,8 @@ def main(argv=None):
     del state_dict
     original.to(device=device, dtype=dtype)
     pipe.to(device)
+    # the same weights in float32, for the token agreement of a lower precision
+    float32_pipe = make_pipeline(copy.deepcopy(pipe.transformer)).to(device) if dtype != torch.float32 else None
     torch.nn.Module.to(pipe.transformer, dtype)  # (ModelMixin.to warns about dtype casts)
     parameters = sum(p.numel() for p in original.parameters())
     print(f"model {args.model}: {parameters / 1e6:.1f}M parameters (original layout), {args.dtype}, "
@@ -295,6 +298,11 @@ def main(argv=None):
         print(f"  O authors' code ids == A original-structure ids (seed {SEED}, {args.dtype}): {same}")
         if not same and dtype == torch.float32:
             raise SystemExit("O and A differ in float32: not timing")
+    if float32_pipe is not None:
+        with torch.inference_mode():
+            agreement = (run_ours(pipe, True) == run_ours(float32_pipe, True)).float().mean().item()
+        print(f"  final token ids of B, {args.dtype} vs float32 (seed {SEED}): {agreement:.1%} equal")
+        del float32_pipe
     if not args.no_nat and args.model != "tiny":
         nat_pipe = make_pipeline(vanilla_nat(pipe.transformer, dtype)).to(device)
         variants["D vanilla NAT"] = lambda: run_ours(nat_pipe, None)

@@ -86,6 +86,17 @@ def test_authors_code_is_gated_and_timed(tmp_path):
     assert "speed vs the authors' code, same dtype" in out
     # gate, id comparison, warm-up, FLOP count, one repeat: every O run went through the checkout's sampler
     assert int((checkout / "libs" / "calls.txt").read_text()) == 5
+    assert "vs float32" not in out  # the token agreement is for lower precisions only
+
+
+def test_bfloat16_reports_its_token_agreement_with_float32():
+    command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_sampling.py"), "--model", "tiny", "--repeats", "1"]
+    result = subprocess.run(command + ["--dtype", "bfloat16"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    agreement = re.search(r"final token ids of B, bfloat16 vs float32 \(seed 0\): ([0-9.]+)% equal", result.stdout)
+    # the tiny model samples by argmax (temperatures 0): bf16 rounding flips none of its 3 x 64 tokens here
+    assert agreement and float(agreement.group(1)) == 100.0
 
 
 def test_a_wrong_authors_sampler_stops_the_benchmark(tmp_path):
