@@ -24,7 +24,9 @@ depend on the weight values because the number of masked tokens at every step is
 
 Before timing, a correctness gate runs: on the tiny fixture checkpoint, A and B (and O) must reproduce the ids
 recorded from the original code exactly; then A and B are compared forward-by-forward on the benchmarked model, and
-O's ids are compared with A's for the same seeds (required to be identical in float32).
+O's ids are compared with A's for the same seeds (required to be identical in float32). With `--dtype bfloat16`, B is
+also sampled once from a float32 copy of the same weights with the same seed, and the fraction of final token ids
+that agree is printed.
 """
 
 import argparse
