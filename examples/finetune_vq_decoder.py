@@ -93,13 +93,10 @@ def corrupt(pipe: ENATPipeline, ids, captions, generator, args, temperature) -> 
     transformer = pipe.transformer
     batch_size, seq_len = ids.shape
     ratio = args.min_mask_ratio + (args.max_mask_ratio - args.min_mask_ratio) * torch.rand((), generator=generator)
-    num_masked = max(1, round(seq_len * ratio.item()))
-    order = torch.rand(batch_size, seq_len, generator=generator).argsort(1).to(ids.device)
-    masked = torch.zeros_like(ids, dtype=torch.bool).scatter(1, order[:, :num_masked], True)
+    noisy = pipe.scheduler.add_noise(ids, generator=generator, mask_ratio=ratio.item())
+    masked = noisy == transformer.mask_token_id
     text, pooled, _, _ = pipe.encode_prompt(captions, ids.device, do_classifier_free_guidance=False)
-    logits = transformer(
-        ids.masked_fill(masked, transformer.mask_token_id), encoder_hidden_states=text, pooled_text_embeds=pooled
-    ).logits.float()
+    logits = transformer(noisy, encoder_hidden_states=text, pooled_text_embeds=pooled).logits.float()
     if temperature == 0:
         sampled = logits.argmax(-1)
     else:

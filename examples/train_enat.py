@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from enat_diffusers import ENATPipeline, ENATReuseState, ENATTransformer2DModel, MaskedTokenScheduler
+from enat_diffusers.schedulers.scheduling_masked_token import lowest_scores_mask
 from enat_diffusers.visualization import captioned_grid
 
 
@@ -860,8 +861,7 @@ def mask_in_regions(
     region = region.reshape(batch_size, -1)
     count = max(round(int(region[0].sum()) * ratio), 1)
     scores = torch.rand(region.shape, generator=generator).masked_fill(~region, 2.0)  # outside: never picked
-    masked = torch.zeros_like(region).scatter_(1, scores.topk(count, dim=1, largest=False).indices, True)
-    return clean.masked_fill(masked, mask_token_id)
+    return clean.masked_fill(lowest_scores_mask(scores, count), mask_token_id)
 
 
 def mask_previous_step(input_ids: torch.LongTensor, mask_token_id: int, generator) -> torch.LongTensor:
@@ -874,8 +874,7 @@ def mask_previous_step(input_ids: torch.LongTensor, mask_token_id: int, generato
     num_visible = input_ids.shape[1] - int(masked[0].sum())
     num_extra = round(num_visible * torch.rand((), generator=generator).item())
     scores = torch.rand(input_ids.shape, generator=generator).masked_fill(masked, 2.0)  # masked ones never picked
-    extra = torch.zeros_like(masked).scatter_(1, scores.topk(num_extra, dim=1, largest=False).indices, True)
-    return input_ids.masked_fill(extra, mask_token_id)
+    return input_ids.masked_fill(lowest_scores_mask(scores, num_extra), mask_token_id)
 
 
 class TrainingRNG:

@@ -57,16 +57,16 @@ def make_checkout(root: Path, corruption: str = "") -> Path:
     return root
 
 
-def run_benchmark(checkout: Path, batch_size: int = 1) -> subprocess.CompletedProcess:
+def run_benchmark(*extra) -> subprocess.CompletedProcess:
+    """benchmark_sampling.py on the tiny fixture model, one repeat, one thread, with `extra` arguments."""
     command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_sampling.py"), "--model", "tiny", "--repeats", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command += ["--batch-size", str(batch_size), "--original-repo", str(checkout)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(command + [str(arg) for arg in extra], capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_authors_code_is_gated_and_timed(tmp_path):
     checkout = make_checkout(tmp_path / "ENAT")
-    result = run_benchmark(checkout, batch_size=2)
+    result = run_benchmark("--batch-size", 2, "--original-repo", checkout)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for line in out.splitlines():  # per image at batch 2: the analytic count equals torch's, and FLOP/s add up
@@ -90,18 +90,16 @@ def test_authors_code_is_gated_and_timed(tmp_path):
 
 
 def test_bfloat16_reports_its_token_agreement_with_float32():
-    command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_sampling.py"), "--model", "tiny", "--repeats", "1"]
-    result = subprocess.run(command + ["--dtype", "bfloat16"], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    result = run_benchmark("--dtype", "bfloat16")
     assert result.returncode == 0, result.stdout + result.stderr
     agreement = re.search(r"final token ids of B, bfloat16 vs float32 \(seed 0\): ([0-9.]+)% equal", result.stdout)
-    # the tiny model samples by argmax (temperatures 0): bf16 rounding flips none of its 3 x 64 tokens here
+    # the tiny model samples by argmax (temperatures 0): bf16 rounding flips none of its tokens here
     assert agreement and float(agreement.group(1)) == 100.0
 
 
 def test_a_wrong_authors_sampler_stops_the_benchmark(tmp_path):
     checkout = make_checkout(tmp_path / "ENAT", corruption=".flip(-1)")  # the right ids in the wrong places
-    result = run_benchmark(checkout)
+    result = run_benchmark("--original-repo", checkout)
     assert result.returncode != 0
     assert re.search(r"O authors' code +ids == recorded original ids: False", result.stdout)
     assert "correctness gate FAILED" in result.stderr
