@@ -331,3 +331,67 @@ def test_evaluation_cli_runs_a_pipeline_folder(tmp_path, capsys):
     assert report["seen"]["num_prompts"] == 1 and report["held_out"]["num_prompts"] == 1
     captions = [result["caption"] for result in report["results"]]
     assert captions == ["a small red circle on the left", "a large purple triangle at the top"]
+
+
+def test_mcnemar_p_value():
+    assert shapes_eval.mcnemar_p_value(10, 0) == pytest.approx(2 / 2**10)
+    assert shapes_eval.mcnemar_p_value(0, 10) == shapes_eval.mcnemar_p_value(10, 0)
+    assert shapes_eval.mcnemar_p_value(10, 3) == pytest.approx(2 * (1 + 13 + 78 + 286) / 2**13)
+    assert shapes_eval.mcnemar_p_value(5, 5) == 1.0 and shapes_eval.mcnemar_p_value(0, 0) == 1.0
+    with pytest.raises(ValueError, match="gained and lost"):
+        shapes_eval.mcnemar_p_value(-1, 2)
+
+
+def paired_reports(evaluator):
+    """Two reports of the same 12 seen + 4 held-out prompts: after gains 10 seen prompts and loses 3 held-out."""
+    seen, held_out = evaluation_prompts(12, seed=0), evaluation_prompts(4, seed=0, held_out=True)
+    prompts = seen + held_out
+    blank = Image.new("RGB", (64, 64), BACKGROUND)
+    drawn = [render_scene(parse_caption(prompt)) for prompt in prompts]
+    before_correct = set(range(2)) | set(range(12, 16))
+    after_correct = set(range(12)) | {12}
+    before = evaluator.evaluate([drawn[i] if i in before_correct else blank for i in range(16)], prompts)
+    after = evaluator.evaluate([drawn[i] if i in after_correct else blank for i in range(16)], prompts)
+    return before, after
+
+
+def test_compare_reports_counts_gains_and_losses(evaluator):
+    before, after = paired_reports(evaluator)
+    comparison = shapes_eval.compare_reports(before, after)
+    assert comparison["seen"] == {
+        "num_prompts": 12, "before": 2, "after": 12, "gained": 10, "lost": 0, "p_value": pytest.approx(2 / 2**10)
+    }  # fmt: skip
+    assert comparison["held_out"] == {
+        "num_prompts": 4, "before": 4, "after": 1, "gained": 0, "lost": 3, "p_value": pytest.approx(0.25)
+    }  # fmt: skip
+    assert (comparison["all"]["gained"], comparison["all"]["lost"]) == (10, 3)
+    reverse = shapes_eval.compare_reports(after, before)
+    assert (reverse["seen"]["gained"], reverse["seen"]["lost"]) == (0, 10)
+
+    shuffled = {**after, "results": after["results"][::-1]}
+    with pytest.raises(ValueError, match="Prompt 0 differs"):
+        shapes_eval.compare_reports(before, shuffled)
+    with pytest.raises(ValueError, match="15 prompts"):
+        shapes_eval.compare_reports(before, {**after, "results": after["results"][:15]})
+    with pytest.raises(ValueError, match="no per-prompt 'results'"):
+        shapes_eval.compare_reports(before, after["seen"])
+    broken = {**after, "results": [{"caption": r["caption"]} for r in after["results"]]}
+    with pytest.raises(ValueError, match="lacks correct, held_out"):
+        shapes_eval.compare_reports(before, broken)
+
+
+def test_evaluation_cli_compares_two_reports(tmp_path, capsys, evaluator):
+    before, after = paired_reports(evaluator)
+    paths = [tmp_path / "before.json", tmp_path / "after.json"]
+    for path, report in zip(paths, (before, after)):
+        path.write_text(json.dumps(report))
+    shapes_eval.main(["--compare", *map(str, paths)])
+    table = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"seen\s+12\s+16\.7%\s+100\.0%\s+10\s+0\s+0\.00195", table[2])
+    assert re.fullmatch(r"held-out\s+4\s+100\.0%\s+25\.0%\s+0\s+3\s+0\.25", table[3])
+    shapes_eval.main(["--compare", *map(str, paths), "--json"])
+    assert json.loads(capsys.readouterr().out)["all"]["gained"] == 10
+    paths[1].write_text("{not json")
+    with pytest.raises(SystemExit):
+        shapes_eval.main(["--compare", *map(str, paths)])
+    assert "error:" in capsys.readouterr().err

@@ -7,7 +7,14 @@ module once, as `__main__` only, and torchmetrics is imported only when the FID 
 import importlib
 
 
-SHAPES_NAMES = ["ShapesEval", "evaluation_prompts", "format_report"]
+SHAPES_NAMES = [
+    "ShapesEval",
+    "compare_reports",
+    "evaluation_prompts",
+    "format_comparison",
+    "format_report",
+    "mcnemar_p_value",
+]
 FID_NAMES = [
     "clip_scores",
     "feature_statistics",

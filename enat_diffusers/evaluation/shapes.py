@@ -13,10 +13,18 @@ Score a text-to-image pipeline on validation-split prompts, or on prompts of a f
 Score the images of an `imagefolder` split (to check real data, or generated images saved with a metadata.jsonl):
 
     python -m enat_diffusers.evaluation.shapes --images-dir shapes/validation
+
+Compare two reports of the same prompts and image seeds (e.g. two models, or two sampling strategies), prompt by
+prompt, with an exact McNemar test:
+
+    python -m enat_diffusers.evaluation.shapes --json --model before --num-prompts 500 > before.json
+    python -m enat_diffusers.evaluation.shapes --json --model after --num-prompts 500 > after.json
+    python -m enat_diffusers.evaluation.shapes --compare before.json after.json
 """
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -357,6 +365,77 @@ def evaluation_prompts(num_prompts: int, seed: int = 0, held_out: bool = False) 
     return list(prompts)
 
 
+def mcnemar_p_value(gained: int, lost: int) -> float:
+    r"""
+    Two-sided exact McNemar test: the probability, were both settings equally good, of a split of the
+    `gained + lost` discordant prompts at least as uneven as the one observed (a sign test on them).
+    """
+    if gained < 0 or lost < 0:
+        raise ValueError(f"gained and lost must be >= 0, got {gained} and {lost}.")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def compare_reports(before: Dict, after: Dict) -> Dict:
+    r"""
+    Paired comparison of two ShapesEval reports (`ShapesEval.evaluate`, or the CLI's `--json` output) of the same
+    prompts in the same order, e.g. two models or two sampling strategies on the same prompts and image seeds.
+
+    Returns:
+        `Dict`: for `"seen"`, `"held_out"` and `"all"`: `num_prompts`, `before` and `after` (prompts correct),
+        `gained` (wrong before, correct after), `lost` (the reverse) and `p_value` (`mcnemar_p_value`).
+
+    Raises:
+        `ValueError`: when the reports do not hold the same captions in the same order.
+    """
+    pairs = []
+    for name, report in (("before", before), ("after", after)):
+        if not isinstance(report, dict) or "results" not in report:
+            raise ValueError(f"The {name} report has no per-prompt 'results' (a ShapesEval report is needed).")
+    if len(before["results"]) != len(after["results"]):
+        raise ValueError(f"The reports hold {len(before['results'])} and {len(after['results'])} prompts.")
+    for index, (a, b) in enumerate(zip(before["results"], after["results"])):
+        missing = sorted({"caption", "held_out", "correct"} - (set(a) & set(b)))
+        if missing:
+            raise ValueError(f"Result {index} of a report lacks {', '.join(missing)} (not a ShapesEval report).")
+        if a["caption"] != b["caption"]:
+            raise ValueError(f"Prompt {index} differs between the reports: {a['caption']!r} vs {b['caption']!r}.")
+        pairs.append((bool(a["held_out"]), bool(a["correct"]), bool(b["correct"])))
+    comparison = {}
+    for group, keep in (("seen", lambda h: not h), ("held_out", lambda h: h), ("all", lambda h: True)):
+        chosen = [(x, y) for held_out, x, y in pairs if keep(held_out)]
+        gained = sum(1 for x, y in chosen if y and not x)
+        lost = sum(1 for x, y in chosen if x and not y)
+        comparison[group] = {
+            "num_prompts": len(chosen),
+            "before": sum(x for x, _ in chosen),
+            "after": sum(y for _, y in chosen),
+            "gained": gained,
+            "lost": lost,
+            "p_value": mcnemar_p_value(gained, lost),
+        }
+    return comparison
+
+
+def format_comparison(comparison: Dict) -> str:
+    """A `compare_reports` result as a table: whole-prompt accuracy before and after, per group."""
+    lines = [f"{'':10}{'prompts':>9}{'before':>9}{'after':>9}{'gained':>8}{'lost':>6}{'McNemar p':>11}"]
+    for name, label in (("seen", "seen"), ("held_out", "held-out"), ("all", "all")):
+        group = comparison[name]
+        n = group["num_prompts"]
+        if n == 0:
+            lines.append(f"{label:10}{0:>9}{'-':>9}{'-':>9}{'-':>8}{'-':>6}{'-':>11}")
+            continue
+        lines.append(
+            f"{label:10}{n:>9}{100 * group['before'] / n:>8.1f}%{100 * group['after'] / n:>8.1f}%"
+            f"{group['gained']:>8}{group['lost']:>6}{group['p_value']:>11.3g}"
+        )
+    return "\n".join(lines)
+
+
 def format_report(report: Dict) -> str:
     """The summary of a report as a table: one row per group, per-attribute and whole-prompt accuracies in %."""
     columns = ("prompts", "objects") + ATTRIBUTES + ("prompt",)
@@ -408,6 +487,13 @@ def main(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="ENATPipeline folder or Hub repo id of a text-to-image Shapes model")
     source.add_argument("--images-dir", type=Path, help="imagefolder split (metadata.jsonl and images) to score")
+    source.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="two JSON reports of the same prompts (--json output): prompt-by-prompt comparison, exact McNemar test",
+    )
     parser.add_argument("--prompts", type=Path, help="file of captions, one per line (default: validation prompts)")
     parser.add_argument(
         "--num-prompts",
@@ -427,6 +513,15 @@ def main(argv=None):
 
     evaluator = ShapesEval()
     try:
+        if args.compare is not None:
+            before, after = (json.loads(path.read_text()) for path in args.compare)
+            comparison = compare_reports(before, after)
+            if args.json:
+                print(json.dumps(comparison, indent=2))
+            else:
+                print(f"ShapesEval whole-prompt accuracy, {args.compare[0]} -> {args.compare[1]}")
+                print(format_comparison(comparison))
+            return
         if args.images_dir is not None:
             images, captions, held_out = _read_imagefolder_split(args.images_dir, args.num_prompts)
             report = evaluator.evaluate(images, captions, held_out)
