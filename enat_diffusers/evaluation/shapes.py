@@ -508,7 +508,11 @@ def main(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting")
     parser.add_argument("--no-reuse", action="store_true", help="disable ENAT's feature reuse (reuse_features=False)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--json", action="store_true", help="print the full report as JSON instead of the table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (the full report; with --compare the comparison) instead of a table",
+    )
     args = parser.parse_args(argv)
 
     evaluator = ShapesEval()
