@@ -27,6 +27,9 @@ recorded from the original code exactly; then A and B are compared forward-by-fo
 O's ids are compared with A's for the same seeds (required to be identical in float32). With `--dtype bfloat16`, B is
 also sampled once from a float32 copy of the same weights with the same seed, and the fraction of final token ids
 that agree is printed.
+
+`--json PATH` also writes every measured number, unrounded (times, FLOPs, utilisation, the gate's and the id checks'
+results, the goals), for tools and tests that must not parse the rounded table.
 """
 
 import argparse
@@ -124,8 +127,11 @@ def synchronize(device: torch.device):
 # ------------------------------------------------------------------------------------------------------ correctness
 
 
-def correctness_gate(device: torch.device, authors_code=None) -> None:
-    """A and B (and the authors' code O) must reproduce the recorded generation (`gen.final_ids`) exactly, float32."""
+def correctness_gate(device: torch.device, authors_code=None) -> dict:
+    """A and B (and the authors' code O) must reproduce the recorded generation (`gen.final_ids`) exactly, float32.
+
+    Returns {variant: whether its ids equal the recorded ones}; the caller stops when one does not.
+    """
     meta = json.loads((FIXTURES / "fixture_meta.json").read_text())
     settings, null_label = meta["generation_fixture"], meta["null_class_label"]
     config = json.loads((FIXTURES / "enat_tiny_config.json").read_text())
@@ -153,12 +159,11 @@ def correctness_gate(device: torch.device, authors_code=None) -> None:
     print(f"gate (tiny fixture, labels {labels.tolist()}, {steps} steps, cfg {cfg}, temps 0, float32):")
     for name, equal in ok.items():
         print(f"  {name:<22} ids == recorded original ids: {equal}")
-    if not all(ok.values()):
-        raise SystemExit("correctness gate FAILED: not timing")
+    return ok
 
 
 @torch.inference_mode()
-def compare_forwards(original: OriginalENAT, pipe: ENATPipeline, device: torch.device) -> None:
+def compare_forwards(original: OriginalENAT, pipe: ENATPipeline, device: torch.device) -> dict:
     """Logits of A and B on the benchmarked model: a plain forward and a reuse forward (two schedule steps)."""
     transformer, K = pipe.transformer, original.codebook_size
     L = transformer.config.sample_size**2
@@ -174,9 +179,12 @@ def compare_forwards(original: OriginalENAT, pipe: ENATPipeline, device: torch.d
     out_a2 = original(ids_2, labels, prev_dict=out_a1, return_dict=True)
     out_b1 = transformer(ids_1, class_labels=labels)
     out_b2 = transformer(ids_2, class_labels=labels, reuse_state=out_b1.reuse_state)
+    diffs = {}
     for name, a, b in (("plain", out_a1["logits"], out_b1.logits), ("reuse", out_a2["logits"], out_b2.logits)):
-        diff = (a.float() - b.float()).abs().max().item()
-        print(f"  forward check ({name}): max |logits A - logits B| = {diff:.2e} (max |logit| {a.abs().max():.2e})")
+        diffs[name] = (a.float() - b.float()).abs().max().item()
+        print(f"  forward check ({name}): max |logits A - logits B| = {diffs[name]:.2e} "
+              f"(max |logit| {a.abs().max():.2e})")  # fmt: skip
+    return diffs
 
 
 # ---------------------------------------------------------------------------------------------------- measurement
@@ -204,6 +212,7 @@ def parse_args(argv=None):
         type=Path,
         help="a checkout of the authors' code (LeapLabTHU/ENAT): also time their own DiT and NATSchedule (variant O)",
     )
+    parser.add_argument("--json", type=Path, help="also write every measured number, unrounded, to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -239,8 +248,20 @@ def main(argv=None):
     args = parse_args(argv)
     device, dtype, spec = torch.device(args.device), DTYPES[args.dtype], MODELS[args.model]
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    results = {
+        "torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
+        "dtype": args.dtype, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
+    }  # fmt: skip
+
+    def write_results():
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
     authors_code = import_authors_code(args.original_repo) if args.original_repo else None
-    correctness_gate(device, authors_code)
+    results["gate"] = correctness_gate(device, authors_code)
+    if not all(results["gate"].values()):
+        write_results()
+        raise SystemExit("correctness gate FAILED: not timing")
 
     start = time.perf_counter()
     state_dict = original_state_dict(args.model)
@@ -258,7 +279,7 @@ def main(argv=None):
     parameters = sum(p.numel() for p in original.parameters())
     print(f"model {args.model}: {parameters / 1e6:.1f}M parameters (original layout), {args.dtype}, "
           f"set up in {time.perf_counter() - start:.1f}s")  # fmt: skip
-    compare_forwards(original, pipe, device)
+    results["forward_check_max_abs_diff"] = compare_forwards(original, pipe, device)
 
     num_classes = pipe.transformer.config.num_classes
     labels = [(7 * i + 1) % num_classes for i in range(args.batch_size)]
@@ -298,12 +319,15 @@ def main(argv=None):
         with torch.inference_mode():
             same = torch.equal(run_o().cpu(), run_a().cpu())
         print(f"  O authors' code ids == A original-structure ids (seed {SEED}, {args.dtype}): {same}")
+        results["authors_ids_equal_original_structure"] = same
         if not same and dtype == torch.float32:
+            write_results()
             raise SystemExit("O and A differ in float32: not timing")
     if float32_pipe is not None:
         with torch.inference_mode():
             agreement = (run_ours(pipe, True) == run_ours(float32_pipe, True)).float().mean().item()
         print(f"  final token ids of B, {args.dtype} vs float32 (seed {SEED}): {agreement:.1%} equal")
+        results["token_agreement_vs_float32"] = agreement
         del float32_pipe
     if not args.no_nat and args.model != "tiny":
         nat_pipe = make_pipeline(vanilla_nat(pipe.transformer, dtype)).to(device)
@@ -377,6 +401,25 @@ def main(argv=None):
     print("goals:")
     for goal, value, target in goals:
         print(f"  {goal:<46} {value:>7.2f} (target >= {target}): {'met' if value >= target else 'MISSED'}")
+    results["matmul_peak_tflops"] = peak
+    results["variants"] = {
+        name: {
+            "times_s": times[name],
+            "median_s": median[name],
+            "min_s": min(times[name]),
+            "images_per_s": args.batch_size / median[name],
+            "gflops_per_image": analytic[name],
+            "gflops_per_image_counted": gflops[name] / args.batch_size,
+            "tflops": achieved[name],
+            "utilisation": achieved[name] / peak,
+            **({"peak_memory_gib": peak_memory[name]} if peak_memory else {}),
+        }
+        for name in variants
+    }
+    results["goals"] = [
+        dict(goal=goal, value=value, target=target, met=value >= target) for goal, value, target in goals
+    ]
+    write_results()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ the import from the checkout, the strict load of the original-format weights (wi
 authors' null label), the id gate (a wrong sampler must stop the benchmark), the variant's row and goal.
 """
 
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,51 +57,57 @@ def make_checkout(root: Path, corruption: str = "") -> Path:
     return root
 
 
-def run_benchmark(*extra) -> subprocess.CompletedProcess:
-    """benchmark_sampling.py on the tiny fixture model, one repeat, one thread, with `extra` arguments."""
+def run_benchmark(json_path: Path, *extra) -> tuple:
+    """benchmark_sampling.py on the tiny fixture model, one repeat, one thread, with `extra` arguments.
+
+    Returns the finished process and the results it wrote with `--json` (None when it wrote none).
+    """
     command = [sys.executable, str(ROOT / "benchmarks" / "benchmark_sampling.py"), "--model", "tiny", "--repeats", "1"]
+    command += ["--json", str(json_path)] + [str(arg) for arg in extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command + [str(arg) for arg in extra], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return result, json.loads(json_path.read_text()) if json_path.exists() else None
 
 
 def test_authors_code_is_gated_and_timed(tmp_path):
     checkout = make_checkout(tmp_path / "ENAT")
-    result = run_benchmark("--batch-size", 2, "--original-repo", checkout)
+    result, report = run_benchmark(tmp_path / "results.json", "--batch-size", 2, "--original-repo", checkout)
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    for line in out.splitlines():  # per image at batch 2: the analytic count equals torch's, and FLOP/s add up
-        if line.startswith(("A original structure ", "B ours (reuse) ", "C ours (no reuse) ", "O authors' code ")):
-            median, fastest, images_per_s, analytic, counted, tflops = (float(v) for v in line[22:].split()[:6])
-            assert analytic == pytest.approx(counted, rel=1e-3) and images_per_s == pytest.approx(2 / median, rel=0.02)
-            assert tflops == pytest.approx(analytic * 2 / fastest / 1e3, abs=6e-4)  # the batch's FLOPs / fastest run
-        if line.startswith("B ours (reuse) "):
-            utilisation = float(line.split()[-1].rstrip("%")) / 100
-    goal = re.search(r"utilisation of the matmul peak \(B\) +([0-9.]+)", out)
-    assert goal and float(goal.group(1)) == pytest.approx(utilisation, abs=0.006)  # the goal is the table's value
-    assert re.search(r"O authors' code +ids == recorded original ids: True", out)
-    assert "O authors' code ids == A original-structure ids (seed 0, float32): True" in out
-    rows = [line for line in out.splitlines() if line.startswith("O authors' code ")]
-    assert len(rows) == 1 and float(rows[0].split()[3]) > 0  # median seconds per generation
-    assert "speed-up of ours over the authors' code (O/B):" in out
-    assert "speed vs the authors' code, same dtype" in out
+    assert report["gate"] == {"A original-structure": True, "B ours (ENATPipeline)": True, "O authors' code": True}
+    assert report["authors_ids_equal_original_structure"] is True
+    variants = report["variants"]
+    assert list(variants) == ["O authors' code", "A original structure", "B ours (reuse)", "C ours (no reuse)"]
+    for name, row in variants.items():  # per image at batch 2: the analytic count equals torch's, FLOP/s add up
+        assert len(row["times_s"]) == 1 and row["median_s"] > 0, name
+        # exact for ours; the original's head (O, A) also computes the [MASK] logit that it drops
+        exact = name.startswith(("B ", "C "))
+        assert row["gflops_per_image"] == pytest.approx(row["gflops_per_image_counted"], rel=1e-9 if exact else 1e-3)
+        assert row["tflops"] == pytest.approx(row["gflops_per_image"] * 2 / row["min_s"] / 1e3, rel=1e-9), name
+        assert row["utilisation"] == pytest.approx(row["tflops"] / report["matmul_peak_tflops"], rel=1e-9), name
+    goals = {goal["goal"]: goal for goal in report["goals"]}
+    o, b = variants["O authors' code"]["median_s"], variants["B ours (reuse)"]["median_s"]
+    assert goals["speed vs the authors' code, same dtype"]["value"] == pytest.approx(o / b, rel=1e-9)
+    assert goals["utilisation of the matmul peak (B)"]["value"] == variants["B ours (reuse)"]["utilisation"]
+    # the printed table is the same run's: its O row shows the median, rounded
+    rows = [line for line in result.stdout.splitlines() if line.startswith("O authors' code ")]
+    assert len(rows) == 1 and float(rows[0].split()[3]) == pytest.approx(o, abs=6e-4)
     # gate, id comparison, warm-up, FLOP count, one repeat: every O run went through the checkout's sampler
     assert int((checkout / "libs" / "calls.txt").read_text()) == 5
-    assert "vs float32" not in out  # the token agreement is for lower precisions only
+    assert "token_agreement_vs_float32" not in report  # the token agreement is for lower precisions only
 
 
-def test_bfloat16_reports_its_token_agreement_with_float32():
-    result = run_benchmark("--dtype", "bfloat16")
+def test_bfloat16_reports_its_token_agreement_with_float32(tmp_path):
+    result, report = run_benchmark(tmp_path / "results.json", "--dtype", "bfloat16")
     assert result.returncode == 0, result.stdout + result.stderr
-    agreement = re.search(r"final token ids of B, bfloat16 vs float32 \(seed 0\): ([0-9.]+)% equal", result.stdout)
     # the tiny model samples by argmax (temperatures 0): bf16 rounding flips none of its tokens here
-    assert agreement and float(agreement.group(1)) == 100.0
+    assert report["dtype"] == "bfloat16" and report["token_agreement_vs_float32"] == 1.0
 
 
 def test_a_wrong_authors_sampler_stops_the_benchmark(tmp_path):
     checkout = make_checkout(tmp_path / "ENAT", corruption=".flip(-1)")  # the right ids in the wrong places
-    result = run_benchmark("--original-repo", checkout)
+    result, report = run_benchmark(tmp_path / "results.json", "--original-repo", checkout)
     assert result.returncode != 0
-    assert re.search(r"O authors' code +ids == recorded original ids: False", result.stdout)
+    assert report["gate"]["O authors' code"] is False and "variants" not in report
     assert "correctness gate FAILED" in result.stderr
 
 
