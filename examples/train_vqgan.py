@@ -44,26 +44,39 @@ Resume an interrupted run with the same command plus `--resume_from_checkpoint l
 """
 
 import argparse
-import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import VQModel
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
+from enat_diffusers.utils.cli import run_cli
+from enat_diffusers.utils.training import (
+    TrainingOutput,
+    add_common_arguments,
+    check_positive,
+    find_resume_checkpoint,
+    list_images,
+    load_image,
+    make_accelerator,
+    make_optimizer,
+    num_epochs,
+    readable,
+    register_training_state,
+    resume_position,
+    save_checkpoint,
+    split_held_out,
+    tracker_config,
+)
+
 
 logger = get_logger(__name__)
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def parse_args(input_args=None):
@@ -141,68 +154,36 @@ def parse_args(input_args=None):
         default=0.9,
         help="Stop restarting codes after this fraction of --max_train_steps, so that the decoder can settle.",
     )
-    # optimisation
-    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument("--max_train_steps", type=int, default=1500, help="Number of optimiser steps.")
-    parser.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step."
-    )
-    parser.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="cosine",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-        help="Learning-rate schedule (diffusers.optimization.get_scheduler).",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=50, help="Linear warm-up steps.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    parser.add_argument(
-        "--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="Autocast precision (accelerate)."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation and data order.")
-    # outputs, logging, checkpoints
-    parser.add_argument("--output_dir", type=str, default="vqgan-model", help="Where everything is written.")
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Train into a non-empty --output_dir (files already there are kept, earlier checkpoints included).",
-    )
-    parser.add_argument(
-        "--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir."
-    )
-    parser.add_argument(
-        "--report_to", type=str, default="tensorboard", help='Tracker for accelerate ("tensorboard", or "none").'
+        help="Start a new run in a --output_dir that holds files already (its earlier checkpoints are removed; other "
+        "files are replaced only where this run writes the same names). Never a pipeline or model folder.",
     )
     parser.add_argument(
         "--validation_steps", type=int, default=250, help="Log held-out metrics and reconstructions every N steps."
     )
-    parser.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=250,
-        help="Save the training state (accelerator.save_state) to OUTPUT_DIR/checkpoint-STEP every N steps.",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help='Resume from a checkpoint folder, or "latest" in --output_dir (a fresh start if there is none).',
+    add_common_arguments(
+        parser,
+        train_batch_size=16,
+        max_train_steps=1500,
+        learning_rate=2e-3,
+        lr_scheduler="cosine",
+        lr_warmup_steps=50,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_weight_decay=0.0,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        output_dir="vqgan-model",
+        checkpointing_steps=250,
     )
 
     args = parser.parse_args(input_args)
     if args.vq_embed_dim is None:
         args.vq_embed_dim = args.latent_channels
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"))
     if not 0 <= args.quantizer_warmup_steps < args.max_train_steps:
         raise ValueError(
             f"--quantizer_warmup_steps must be in [0, --max_train_steps), got {args.quantizer_warmup_steps}: the "
@@ -224,39 +205,12 @@ def parse_args(input_args=None):
 
 
 def find_images(data_dir: str) -> list[Path]:
-    """The image files under `data_dir` (recursively, sorted); those PIL cannot read are skipped with a warning."""
+    """The readable image files under `data_dir` (recursively, sorted); unreadable ones are skipped with a warning."""
     root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    candidates = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    paths = []
-    for path in candidates:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # PIL raises many types for broken files
-            logger.warning(f"skipping unreadable image {path}: {error}")
-            continue
-        paths.append(path)
+    paths = readable([root / file for file in list_images(root)])
     if not paths:
-        raise ValueError(
-            f"no readable images found in {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
-        )
+        raise ValueError(f"no readable images found in {root} (searched recursively)")
     return paths
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Image as a float tensor of shape `(3, resolution, resolution)` in [0, 1]: resize (shorter side), centre crop."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = resolution / min(image.size)
-        if scale != 1:
-            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -279,17 +233,7 @@ def split_images(args) -> (list[Path], list[Path]):
     train_paths = find_images(args.train_data_dir)
     if args.validation_data_dir is not None:
         return train_paths, find_images(args.validation_data_dir)
-    if args.num_validation_images >= len(train_paths):
-        raise ValueError(
-            f"--num_validation_images {args.num_validation_images} leaves no training image out of "
-            f"{len(train_paths)} in {args.train_data_dir}; lower it or pass --validation_data_dir"
-        )
-    order = torch.randperm(len(train_paths), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = set(order[: args.num_validation_images])
-    return (
-        [p for i, p in enumerate(train_paths) if i not in held_out],
-        [p for i, p in enumerate(train_paths) if i in held_out],
-    )
+    return split_held_out(train_paths, args.num_validation_images, args.seed, "image", "--num_validation_images")
 
 
 def kmeans(latents: torch.Tensor, num_codes: int, generator: torch.Generator, iterations: int = 10) -> torch.Tensor:
@@ -373,7 +317,10 @@ class CodebookMonitor:
         return {"counts": self.counts}
 
     def load_state_dict(self, state_dict):
-        self.counts = state_dict["counts"].clone()
+        counts = state_dict["counts"]
+        if counts.shape != self.counts.shape or counts.dtype != self.counts.dtype:
+            raise ValueError(f"code counts of shape {tuple(counts.shape)} ({counts.dtype}), expected {self.num_codes}")
+        self.counts = counts.clone()
 
 
 @torch.no_grad()
@@ -424,66 +371,24 @@ def log_validation(vqvae, dataset, args, accelerator, step):
             tracker.writer.add_image("val/reconstructions", grid, step, dataformats="HWC")
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """`checkpoint-STEP` folders in `output_dir`, oldest first."""
-    dirs = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
-    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, step):
-    output_dir = Path(args.output_dir)
-    if args.checkpoints_total_limit is not None:
-        existing = checkpoint_dirs(output_dir)
-        # make room for the new checkpoint
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            logger.info(f"removing old checkpoint {old}")
-            shutil.rmtree(old)
-    path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    logger.info(f"saved state to {path}")
-
-
-def resolve_resume_checkpoint(args) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        dirs = checkpoint_dirs(Path(args.output_dir))
-        return dirs[-1] if dirs else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a checkpoint folder")
-    return path
-
-
-def check_output_dir(args):
-    output_dir = Path(args.output_dir)
-    if output_dir.is_file():
-        raise FileExistsError(f"--output_dir {output_dir} is a file")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (args.overwrite_output_dir or args.resume_from_checkpoint):
-            raise FileExistsError(
-                f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to train into it anyway, or "
-                "--resume_from_checkpoint to continue a run"
-            )
-
-
 def main(args) -> dict | None:
     """Trains, saves and evaluates; returns the held-out metrics on the main process (None elsewhere)."""
-    check_output_dir(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+    accelerator = make_accelerator(
+        args,
         # during the quantizer warm-up the codebook gets no gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.quantizer_warmup_steps > 0)],
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
+    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    output = TrainingOutput(
+        output_dir,
+        inputs=[args.train_data_dir, args.validation_data_dir],
+        resuming=checkpoint is not None,
+        overwrite=args.overwrite_output_dir or args.resume_from_checkpoint is not None,
+        overwrite_flag="--overwrite_output_dir",
+    )
+    output.check()
 
     train_paths, validation_paths = split_images(args)
     train_dataset = ImageFolderDataset(train_paths, args.resolution)
@@ -523,30 +428,17 @@ def main(args) -> dict | None:
     monitor = CodebookMonitor(vqvae.quantize, args.num_vq_embeddings)
     num_parameters = sum(p.numel() for p in vqvae.parameters())
 
-    optimizer = torch.optim.AdamW(
-        vqvae.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, lr_scheduler = make_optimizer(args, vqvae.parameters(), accelerator)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         vqvae, optimizer, train_dataloader, lr_scheduler
     )
-    accelerator.register_for_checkpointing(monitor)
+    register_training_state(accelerator, codebook_monitor=monitor)  # JSON and safetensors, never a pickle
+    output.start(accelerator)
 
     if accelerator.is_main_process:
-        tracker_config = {k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in vars(args).items()}
-        accelerator.init_trackers("train_vqgan", config={k: v for k, v in tracker_config.items() if v is not None})
+        accelerator.init_trackers("train_vqgan", config=tracker_config(args))
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    steps_per_epoch, epochs = num_epochs(args.max_train_steps, len(train_dataloader), args.gradient_accumulation_steps)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Training / held-out images = {len(train_dataset)} / {len(validation_dataset)}")
@@ -554,16 +446,12 @@ def main(args) -> dict | None:
     logger.info(f"  Total batch size (parallel, accumulation) = {total_batch_size}")
     logger.info(f"  Optimisation steps = {args.max_train_steps}")
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_resume_checkpoint(args)
+    global_step = 0
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[1])
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-    elif args.resume_from_checkpoint:
-        accelerator.print(f"No checkpoint in {output_dir}; starting a new training run.")
+    first_epoch, resume_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
 
     embedding = accelerator.unwrap_model(model).quantize.embedding
     restart_until = args.codebook_restart_until * args.max_train_steps
@@ -573,7 +461,7 @@ def main(args) -> dict | None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(first_epoch, epochs):
         dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -625,8 +513,8 @@ def main(args) -> dict | None:
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{batch_usage:.2f}")
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(accelerator.unwrap_model(model), validation_dataset, args, accelerator, global_step)
     progress_bar.close()
@@ -635,10 +523,14 @@ def main(args) -> dict | None:
     metrics = None
     if accelerator.is_main_process:
         vqvae = accelerator.unwrap_model(model)
-        vqvae.save_pretrained(output_dir / "vqvae")
         metrics, examples = evaluate(vqvae, validation_dataset, args.train_batch_size, accelerator.device)
         accelerator.log(metrics, step=global_step)
-        image_grid(examples).save(output_dir / "validation_reconstructions.png")
+
+        def save(staging):
+            vqvae.save_pretrained(staging / "vqvae")
+            image_grid(examples).save(staging / "validation_reconstructions.png")
+
+        output.save(save)
         accelerator.print(
             f"Held-out reconstruction ({len(validation_dataset)} images): MSE {metrics['val/mse']:.6f}, "
             f"PSNR {metrics['val/psnr']:.2f} dB, codebook usage {metrics['val/codebook_usage']:.1%} of "
@@ -646,8 +538,9 @@ def main(args) -> dict | None:
         )
         accelerator.print(f"Saved the VQ model to {output_dir / 'vqvae'}")
     accelerator.end_training()
+    output.release()
     return metrics
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args)

@@ -1,7 +1,9 @@
 """examples/train_vqgan.py end to end on a few tiny generated images: outputs, resume, errors."""
 
+import json
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -11,6 +13,9 @@ from accelerate import PartialState
 from diffusers import VQModel
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+
+from enat_diffusers.utils import training
+from enat_diffusers.utils.cli import UsageError
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -89,6 +94,8 @@ def test_resume_continues_at_the_saved_step(trained, data_dir, tmp_path):
     assert checkpoint.keys() == saved.keys()
     assert all(torch.equal(checkpoint[key], saved[key]) for key in checkpoint)
     # "latest" picks checkpoint-4 of the first run and trains steps 5 and 6 only
+    output_dir = tmp_path / "continued"
+    shutil.copytree(trained[0], output_dir)
     train(data_dir, output_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", 6,
           "--checkpointing_steps", 2, "--checkpoints_total_limit", 2)  # fmt: skip
     assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
@@ -114,7 +121,7 @@ def test_clear_errors(tmp_path, data_dir):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty .*--overwrite_output_dir"):
         train(data_dir, busy, "--max_train_steps", 2)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
 
@@ -150,3 +157,84 @@ def test_quantizer_warmup_and_kmeans_initialisation():
     found = train_vqgan.kmeans(centres.repeat_interleave(50, 0) + noise, 4, torch.Generator().manual_seed(0))
     distances = torch.cdist(centres, found)
     assert distances.amin(1).max() < 0.01 and sorted(distances.argmin(1).tolist()) == [0, 1, 2, 3]
+
+
+class MarkerPickle:
+    """A pickle that, when unpickled, creates a file (the code a replaced checkpoint file could run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def weights(checkpoint: Path) -> dict:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def test_a_planted_pickle_is_never_loaded(trained, data_dir, tmp_path):
+    """Replacing a checkpoint's `custom_checkpoint_0.pkl` (where the codebook monitor's state used to be pickled)
+    with a pickle that creates a file: resuming refuses that checkpoint, and the code never runs."""
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    marker = tmp_path / "code-ran"
+    for checkpoint in run.glob("checkpoint-*"):
+        torch.save({"counts": MarkerPickle(marker)}, checkpoint / "custom_checkpoint_0.pkl")  # as accelerate writes
+    with pytest.raises(UsageError, match="custom_checkpoint_0.pkl, which its save did not write"):
+        train(data_dir, run, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
+    assert not marker.exists()
+
+
+def test_resume_continues_exactly_from_the_newest_complete_checkpoint(trained, data_dir, tmp_path, caplog):
+    """With the latest checkpoint incomplete (a file missing), `latest` resumes from the one before (with a warning)
+    and ends bit-exactly where the uninterrupted run ended."""
+    straight, run = trained[0], tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "checkpoint-4" / "optimizer.bin").unlink()  # an interrupted save
+    with caplog.at_level(logging.WARNING):
+        train(data_dir, run, "--resume_from_checkpoint", "latest", "--max_train_steps", 4, "--checkpointing_steps", 2,
+              "--codebook_restart_steps", 2)  # fmt: skip
+    assert "checkpoint-4 is incomplete (optimizer.bin is missing): resuming from" in caplog.text
+    expected, resumed = weights(straight / "checkpoint-4"), weights(run / "checkpoint-4")
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    counts = load_file(run / "checkpoint-4" / "training_state.safetensors")["codebook_monitor.counts"]
+    assert counts.shape == (16,) and json.loads((run / "checkpoint-4" / "training_state.json").read_text())
+
+
+def test_the_training_state_is_checked_when_read(tmp_path):
+    PartialState()
+    monitor = train_vqgan.CodebookMonitor(torch.nn.Identity(), 16)
+    monitor.counts += 3
+    training.save_training_state(tmp_path, {"codebook_monitor": monitor})
+    restored = train_vqgan.CodebookMonitor(torch.nn.Identity(), 16)
+    training.load_training_state(tmp_path, {"codebook_monitor": restored})
+    assert torch.equal(restored.counts, monitor.counts)
+    with pytest.raises(UsageError, match="the saved state of 'codebook_monitor' does not fit this run"):
+        training.load_training_state(
+            tmp_path, {"codebook_monitor": train_vqgan.CodebookMonitor(torch.nn.Identity(), 8)}
+        )
+    state = tmp_path / "training_state.json"
+    state.write_text(state.read_text()[:-20])
+    with pytest.raises(UsageError, match="training state in .* cannot be read"):
+        training.load_training_state(tmp_path, {"codebook_monitor": restored})
+    training.save_training_state(tmp_path, {"codebook_monitor": monitor})
+    with pytest.raises(UsageError, match="resume_from_checkpoint .*checkpoint-3 is not a checkpoint-<step> folder"):
+        training.find_resume_checkpoint(str(tmp_path / "checkpoint-3"), tmp_path)
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(UsageError, match="no complete checkpoint in .*checkpoint-3: it has no checkpoint_manifest"):
+        training.find_resume_checkpoint("latest", tmp_path)
+
+
+def test_a_pipeline_folder_is_never_replaced(data_dir, tmp_path):
+    """--output_dir naming a pipeline folder is refused, also with --resume_from_checkpoint latest and no checkpoint
+    (which would otherwise start a new run there and replace its vqvae/)."""
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "vqvae").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text('{"_class_name": "ENATPipeline"}')
+    (pipeline / "vqvae" / "config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in pipeline.rglob("*") if p.is_file()}
+    for extra in (["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
+        with pytest.raises(UsageError, match="is a pipeline folder: this script does not update it"):
+            train(data_dir, pipeline, "--max_train_steps", 2, *extra)
+    assert {p: p.read_bytes() for p in pipeline.rglob("*") if p.is_file()} == before
