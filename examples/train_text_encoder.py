@@ -39,25 +39,35 @@ Resume an interrupted run with the same command plus `--resume_from_checkpoint l
 """
 
 import argparse
-import json
-import logging
-import math
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
-from PIL import Image
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
 
 from enat_diffusers import build_clip_tokenizer
+from enat_diffusers.utils.cli import run_cli
+from enat_diffusers.utils.training import (
+    TrainingOutput,
+    add_common_arguments,
+    check_positive,
+    find_resume_checkpoint,
+    load_image,
+    make_accelerator,
+    make_optimizer,
+    num_epochs,
+    read_imagefolder_captions,
+    readable,
+    register_training_state,
+    resume_position,
+    save_checkpoint,
+    split_held_out,
+    tracker_config,
+)
 
 
 logger = get_logger(__name__)
@@ -121,71 +131,36 @@ def parse_args(input_args=None):
         help="Weight of the word-swap hard-negative loss (NegCLIP): each image must prefer its caption over the "
         "caption with two words of one kind swapped. Teaches word order and attribute binding; 0: plain CLIP.",
     )
-    # optimisation
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device (the negatives).")
-    parser.add_argument("--max_train_steps", type=int, default=2000, help="Number of optimiser steps.")
-    parser.add_argument(
-        "--gradient_accumulation_steps",
-        type=int,
-        default=1,
-        help="Batches accumulated per optimiser step (each batch still contrasts only its own pairs).",
-    )
-    parser.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="cosine",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-        help="Learning-rate schedule (diffusers.optimization.get_scheduler).",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=100, help="Linear warm-up steps.")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.98, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=0.01, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-6, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    parser.add_argument(
-        "--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="Autocast precision (accelerate)."
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the model initialisation and data order.")
-    # outputs, logging, checkpoints
-    parser.add_argument("--output_dir", type=str, default="clip-model", help="Where everything is written.")
     parser.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Train into a non-empty --output_dir (files already there are kept, earlier checkpoints included).",
-    )
-    parser.add_argument(
-        "--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir."
-    )
-    parser.add_argument(
-        "--report_to", type=str, default="tensorboard", help='Tracker for accelerate ("tensorboard", or "none").'
+        help="Start a new run in a --output_dir that holds files already (its earlier checkpoints are removed; other "
+        "files are replaced only where this run writes the same names). Never a pipeline or model folder.",
     )
     parser.add_argument(
         "--validation_steps", type=int, default=500, help="Log held-out retrieval accuracy every N steps."
     )
-    parser.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=1000,
-        help="Save the training state (accelerator.save_state) to OUTPUT_DIR/checkpoint-STEP every N steps.",
-    )
-    parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help='Resume from a checkpoint folder, or "latest" in --output_dir (a fresh start if there is none).',
+    add_common_arguments(
+        parser,
+        train_batch_size=64,
+        max_train_steps=2000,
+        learning_rate=2e-3,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_weight_decay=0.01,
+        adam_epsilon=1e-6,
+        max_grad_norm=1.0,
+        mixed_precision="no",
+        output_dir="clip-model",
+        checkpointing_steps=1000,
     )
 
     args = parser.parse_args(input_args)
     if args.text_intermediate_size is None:
         args.text_intermediate_size = 4 * args.text_hidden_size
-    for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"))
     if args.train_batch_size < 2 or args.validation_batch_size < 2:
         raise ValueError("contrastive training and retrieval need batches of at least 2 pairs")
     if args.resolution % args.patch_size:
@@ -200,58 +175,16 @@ def parse_args(input_args=None):
 
 
 def read_pairs(data_dir: str, caption_column: str) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs of an imagefolder's `metadata.jsonl`; unreadable images are skipped with a
-    warning."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    metadata = root / "metadata.jsonl"
-    if not metadata.is_file():
-        raise FileNotFoundError(
-            f"no captions: {metadata} does not exist. The data must be an HF imagefolder with captions, i.e. "
-            f'{metadata} with one line {{"file_name": ..., "{caption_column}": ...}} per image'
-        )
-    pairs = []
-    for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{metadata}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not a JSON object ({error})") from None
-        if not isinstance(record, dict) or "file_name" not in record:
-            raise ValueError(f'{where}: no "file_name"')
-        caption = record.get(caption_column)
-        if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f'{where}: no caption: "{caption_column}" is missing or empty for {record["file_name"]}')
-        path = root / record["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{where}: image {path} does not exist")
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as error:  # PIL raises many types for broken files
-            logger.warning(f"skipping unreadable image {path}: {error}")
-            continue
-        pairs.append((path, caption.strip()))
+    """(image path, caption) pairs of an imagefolder's `metadata.jsonl` (one per caption); unreadable images are
+    skipped with a warning."""
+    data = read_imagefolder_captions(Path(data_dir), caption_column)
+    paths = set(readable(data.paths()))
+    pairs = [
+        (path, text.strip()) for path, texts in zip(data.paths(), data.captions) if path in paths for text in texts
+    ]
     if not pairs:
-        raise ValueError(f"no (image, caption) pairs in {metadata}")
+        raise ValueError(f"no readable (image, caption) pairs in {data_dir}")
     return pairs
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Image as a float tensor of shape `(3, resolution, resolution)` in [0, 1]: resize (shorter side), centre crop."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        scale = resolution / min(image.size)
-        if scale != 1:
-            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -294,17 +227,7 @@ def split_pairs(args) -> (list, list):
     train_pairs = read_pairs(args.train_data_dir, args.caption_column)
     if args.validation_data_dir is not None:
         return train_pairs, read_pairs(args.validation_data_dir, args.caption_column)
-    if args.num_validation_pairs >= len(train_pairs):
-        raise ValueError(
-            f"--num_validation_pairs {args.num_validation_pairs} leaves no training pair out of {len(train_pairs)} "
-            f"in {args.train_data_dir}; lower it or pass --validation_data_dir"
-        )
-    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    held_out = set(order[: args.num_validation_pairs])
-    return (
-        [p for i, p in enumerate(train_pairs) if i not in held_out],
-        [p for i, p in enumerate(train_pairs) if i in held_out],
-    )
+    return split_held_out(train_pairs, args.num_validation_pairs, args.seed, "pair", "--num_validation_pairs")
 
 
 class WordSwapNegatives:
@@ -474,64 +397,20 @@ def evaluate(
     }
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """`checkpoint-STEP` folders in `output_dir`, oldest first."""
-    dirs = [d for d in output_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
-    return sorted(dirs, key=lambda d: int(d.name.split("-")[1]))
-
-
-def save_checkpoint(accelerator, args, step):
-    output_dir = Path(args.output_dir)
-    if args.checkpoints_total_limit is not None:
-        existing = checkpoint_dirs(output_dir)
-        # make room for the new checkpoint
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            logger.info(f"removing old checkpoint {old}")
-            shutil.rmtree(old)
-    path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    logger.info(f"saved state to {path}")
-
-
-def resolve_resume_checkpoint(args) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        dirs = checkpoint_dirs(Path(args.output_dir))
-        return dirs[-1] if dirs else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path} is not a checkpoint folder")
-    return path
-
-
-def check_output_dir(args):
-    output_dir = Path(args.output_dir)
-    if output_dir.is_file():
-        raise FileExistsError(f"--output_dir {output_dir} is a file")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        if not (args.overwrite_output_dir or args.resume_from_checkpoint):
-            raise FileExistsError(
-                f"--output_dir {output_dir} is not empty; pass --overwrite_output_dir to train into it anyway, or "
-                "--resume_from_checkpoint to continue a run"
-            )
-
-
 def main(args) -> dict | None:
     """Trains, saves and evaluates; returns the held-out metrics on the main process (None elsewhere)."""
-    check_output_dir(args)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
+    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    output = TrainingOutput(
+        output_dir,
+        inputs=[args.train_data_dir, args.validation_data_dir],
+        resuming=checkpoint is not None,
+        overwrite=args.overwrite_output_dir or args.resume_from_checkpoint is not None,
+        overwrite_flag="--overwrite_output_dir",
+    )
+    output.check()
 
     train_pairs, validation_pairs = split_pairs(args)
     tokenizer = build_clip_tokenizer(model_max_length=args.max_length)
@@ -551,28 +430,17 @@ def main(args) -> dict | None:
     clip.train()
     num_text_parameters = sum(p.numel() for p in clip.text_model.parameters()) + clip.text_projection.weight.numel()
 
-    optimizer = torch.optim.AdamW(
-        clip.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, lr_scheduler = make_optimizer(args, clip.parameters(), accelerator)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         clip, optimizer, train_dataloader, lr_scheduler
     )
+    register_training_state(accelerator)  # nothing of its own, but checkpoints are checked the same way on resume
+    output.start(accelerator)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_text_encoder", config={k: v for k, v in vars(args).items() if v is not None})
+        accelerator.init_trackers("train_text_encoder", config=tracker_config(args))
 
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    steps_per_epoch, epochs = num_epochs(args.max_train_steps, len(train_dataloader), args.gradient_accumulation_steps)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Training / held-out pairs = {len(train_dataset)} / {len(validation_dataset)}")
@@ -580,16 +448,12 @@ def main(args) -> dict | None:
     logger.info(f"  Total batch size (parallel, accumulation) = {total_batch_size}")
     logger.info(f"  Optimisation steps = {args.max_train_steps}")
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_resume_checkpoint(args)
+    global_step = 0
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[1])
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-    elif args.resume_from_checkpoint:
-        accelerator.print(f"No checkpoint in {output_dir}; starting a new training run.")
+    first_epoch, resume_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
 
     progress_bar = tqdm(
         range(args.max_train_steps),
@@ -597,7 +461,7 @@ def main(args) -> dict | None:
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(first_epoch, epochs):
         dataloader = train_dataloader
         if epoch == first_epoch and resume_batches:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
@@ -639,8 +503,8 @@ def main(args) -> dict | None:
             progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['batch_text_to_image_top1']:.2f}")
             accelerator.log(logs, step=global_step)
 
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 metrics = evaluate(
                     accelerator.unwrap_model(model),
@@ -661,8 +525,12 @@ def main(args) -> dict | None:
         check_text_encoder(
             text_encoder, clip, validation_dataset.input_ids[: args.validation_batch_size].to(accelerator.device)
         )
-        text_encoder.save_pretrained(output_dir / "text_encoder")
-        tokenizer.save_pretrained(output_dir / "tokenizer")
+
+        def save(staging):
+            text_encoder.save_pretrained(staging / "text_encoder")
+            tokenizer.save_pretrained(staging / "tokenizer")
+
+        output.save(save)
         metrics = evaluate(
             clip, validation_dataset, args.validation_batch_size, negatives, tokenizer, accelerator.device
         )
@@ -677,8 +545,9 @@ def main(args) -> dict | None:
             f"Saved the text encoder and tokenizer to {output_dir / 'text_encoder'}, {output_dir / 'tokenizer'}"
         )
     accelerator.end_training()
+    output.release()
     return metrics
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args)

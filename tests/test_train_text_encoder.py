@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from enat_diffusers import build_clip_tokenizer
+from enat_diffusers.utils.cli import UsageError
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -154,23 +155,40 @@ def test_resume_continues_at_the_saved_step(trained, data_dir, tmp_path):
 def test_clear_errors(tmp_path, data_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no captions"):
+    with pytest.raises(UsageError, match="no captions"):
         train(empty, tmp_path / "out1", "--max_train_steps", 1)
     uncaptioned = tmp_path / "uncaptioned"
     make_pairs(uncaptioned, 4)
     (uncaptioned / "metadata.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="no captions"):
+    with pytest.raises(UsageError, match="no captions"):
         train(uncaptioned, tmp_path / "out2", "--max_train_steps", 1)
     (uncaptioned / "metadata.jsonl").write_text(
         '{"file_name": "000.png", "text": "a red circle"}\n{"file_name": "001.png"}\n'
     )
-    with pytest.raises(ValueError, match="line 2: no caption"):
+    with pytest.raises(ValueError, match="'001.png', column 'text' has no caption"):
         train(uncaptioned, tmp_path / "out3", "--max_train_steps", 1)
     with pytest.raises(ValueError, match="does not divide"):
         train_text_encoder.parse_args(["--train_data_dir", "x", "--resolution", "30", "--patch_size", "8"])
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         train(data_dir, busy, "--max_train_steps", 1)
     assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    (uncaptioned / "metadata.jsonl").write_text('{"file_name": "000.png", "text": "a"}\n{"text": "a red circle"}\n')
+    with pytest.raises(ValueError, match="1 lines of .*metadata.jsonl have no file_name .*'a red circle'"):
+        train(uncaptioned, tmp_path / "out4", "--max_train_steps", 1)
+
+
+def test_a_pipeline_folder_is_never_replaced(data_dir, tmp_path):
+    """--output_dir naming a pipeline folder is refused, also with --resume_from_checkpoint latest and no checkpoint
+    (which would otherwise start a new run there and replace its text_encoder/ and tokenizer/)."""
+    pipeline = tmp_path / "pipeline"
+    (pipeline / "text_encoder").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text('{"_class_name": "ENATPipeline"}')
+    (pipeline / "text_encoder" / "config.json").write_text("{}")
+    before = {p: p.read_bytes() for p in pipeline.rglob("*") if p.is_file()}
+    for extra in (["--resume_from_checkpoint", "latest"], ["--overwrite_output_dir"]):
+        with pytest.raises(UsageError, match="is a pipeline folder: this script does not update it"):
+            train(data_dir, pipeline, "--max_train_steps", 1, *extra)
+    assert {p: p.read_bytes() for p in pipeline.rglob("*") if p.is_file()} == before
