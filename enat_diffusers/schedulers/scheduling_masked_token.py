@@ -4,7 +4,7 @@
 import math
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -72,8 +72,32 @@ def sample_categorical(log_probs: torch.Tensor, uniform: torch.Tensor) -> torch.
     never drawn, not even for a uniform draw of exactly 0.
     """
     cdf = log_probs.softmax(dim=-1).cumsum(dim=-1)  # (..., K)
-    target = (uniform * cdf[..., -1]).unsqueeze(-1)
+    total = cdf[..., -1]
+    if not torch.isfinite(total).all():  # NaN or infinite log-probabilities: searchsorted would return the last id
+        raise ValueError("The distribution to sample from is not finite (its log-probabilities hold NaN or inf).")
+    target = (uniform * total).unsqueeze(-1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=log_probs.shape[-1] - 1)
+
+
+def edit_mask_counts(num_masked: int, mask_ratios: Sequence[float]) -> List[int]:
+    """
+    Tokens still masked after each step of a decoding that starts with `num_masked` masked tokens.
+
+    `mask_ratios` are a scheduler's per-step ratios (`step_mask_ratios` after `set_timesteps(T)`, the last one 0).
+    Step `k` keeps `floor(num_masked * mask_ratios[k])` masked (the schedule scaled to the masked tokens), clamped to
+    `[T - 1 - k, previous - 1]` so that every step reveals at least one token and the last reveals the rest; this
+    needs `T <= num_masked`. With `num_masked = L` and a strictly decreasing schedule the counts are ENAT's
+    `floor(L * ratio)`.
+    """
+    steps = len(mask_ratios)
+    if not 1 <= steps <= num_masked:
+        raise ValueError(f"{num_masked} masked tokens take 1 to {num_masked} steps, got {steps}.")
+    counts, previous = [], num_masked
+    for k, ratio in enumerate(mask_ratios):
+        count = max(min(math.floor(num_masked * float(ratio)), previous - 1), steps - 1 - k)
+        counts.append(count)
+        previous = count
+    return counts
 
 
 class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
@@ -94,6 +118,13 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
     instead be given explicitly, as AutoNAT's searched generation strategies do; the lists then fix the number of
     steps. With explicit `mask_ratios`, the number of tokens kept masked after step `k < T - 1` is AutoNAT's:
     `floor(L * ratio)` clamped to `[1, masked - 1]` (every step reveals a token, none but the last reveals all).
+
+    A decoding that starts with only `M < L` tokens masked (inpainting, img2img, given start tokens) passes
+    `num_masked=M` to `set_timesteps`: the schedule is then scaled to the masked tokens, `floor(M * ratio)` clamped so
+    that every step reveals at least one (see `edit_mask_counts`). `M = L` is the rule above, unchanged.
+
+    A non-finite distribution is refused (`ValueError`) rather than sampled: logits with NaN or inf, or a sampling or
+    mask temperature whose product with them overflows.
 
     Args:
         mask_token_id (`int`, defaults to 1024): Id of the [MASK] token (the transformer's `codebook_size`).
@@ -154,6 +185,7 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
                 "values, sampling_temperatures and guidance_scales T values."
             )
         self.num_inference_steps = None
+        self.num_masked = None
         self.timesteps = None
 
     @property
@@ -169,14 +201,27 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         guidance_scale: Optional[float] = None,
         mask_temperature: Optional[float] = None,
         sampling_temperature: Optional[float] = None,
+        num_masked: Optional[int] = None,
     ):
         """
         Prepares the per-step schedule. `guidance_scale`, `mask_temperature` and `sampling_temperature` override the
         config values of ENAT's formulas; they cannot override an explicit per-step list.
+
+        `num_masked` is the number of [MASK] tokens at the start when not every token is masked: the mask ratios then
+        scale to them (`edit_mask_counts`; it needs `num_inference_steps <= num_masked`). `None`, or the sequence
+        length, keeps the rule of a fully masked start.
         """
         steps = num_inference_steps
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}.")
+        if num_masked is not None:
+            if isinstance(num_masked, bool) or not isinstance(num_masked, int) or num_masked < 1:
+                raise ValueError(f"num_masked must be a positive integer, got {num_masked!r}.")
+            if steps > num_masked:
+                raise ValueError(
+                    f"{num_masked} masked tokens take 1 to {num_masked} steps (each step reveals at least one), got "
+                    f"num_inference_steps={steps}."
+                )
         fixed = self.strategy_num_steps
         if fixed is not None and fixed != steps:
             raise ValueError(
@@ -220,8 +265,27 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         else:  # step k uses the ratio of step k - 1: no guidance at the first step
             self.step_guidance_scales = [(k / steps) * guidance for k in range(steps)]
 
+        self.num_masked = num_masked
+        self._scaled_mask_counts = None if num_masked is None else edit_mask_counts(num_masked, self.step_mask_ratios)
         self.num_inference_steps = steps
         self.timesteps = torch.arange(steps, device=device)
+
+    def guidance_scale_at(self, step_index: int, guidance_scale: Optional[float] = None) -> float:
+        """
+        The guidance scale of step `step_index` (`step_guidance_scales`), or, with `guidance_scale`, the scale that
+        ENAT's ramp gives that step for this final value, `(k / T) * guidance_scale`: how a callback's change of
+        `pipe._guidance_scale` (diffusers' CFG-cutoff pattern) reaches the later steps. An explicit per-step list
+        can only be switched off (`guidance_scale=0`).
+        """
+        if guidance_scale is None:
+            return self.step_guidance_scales[step_index]
+        _check_non_negative("guidance_scale", [guidance_scale])
+        if self.config.guidance_scales is not None and guidance_scale != 0:
+            raise ValueError(
+                "This scheduler has an explicit per-step `guidance_scales` list: a new guidance scale can only switch "
+                f"guidance off (0), got {guidance_scale!r}."
+            )
+        return (step_index / self.num_inference_steps) * guidance_scale
 
     def step(
         self,
@@ -263,7 +327,13 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         is_masked = ids == self.config.mask_token_id
         temperature = self.step_sampling_temperatures[step_index]
         if temperature > 0:
-            sampled = sample_categorical(log_probs / temperature, uniform_noise(ids.shape, generator, ids.device))
+            uniform = uniform_noise(ids.shape, generator, ids.device)
+            try:
+                sampled = sample_categorical(log_probs / temperature, uniform)
+            except ValueError:  # a non-finite distribution
+                self._raise_not_finite(
+                    model_output, step_index, f"log-probabilities / sampling temperature {temperature}"
+                )
         else:
             sampled = log_probs.argmax(dim=-1)
         sampled = torch.where(is_masked, sampled, ids)  # (B, L)
@@ -274,12 +344,23 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         mask_temperature = self.step_mask_temperatures[step_index]
         if mask_temperature > 0:
             confidence = confidence + mask_temperature * gumbel_noise(ids.shape, generator, ids.device)
+        if not torch.isfinite(torch.where(is_masked, confidence, 0.0)).all():  # (B, L): one cheap check
+            self._raise_not_finite(model_output, step_index, f"mask_temperature {mask_temperature} * Gumbel noise")
 
         # 3. Re-mask the least confident sampled tokens. With an explicit strategy (AutoNAT), every step but the last
-        #    reveals at least one token and keeps at least one masked, as AutoNAT clamps its count.
-        num_masked = num_tokens_to_mask(seq_len, self.step_mask_ratios[step_index])
-        if self.config.mask_ratios is not None and step_index < self.num_inference_steps - 1:
-            num_masked = max(1, min(int(is_masked[0].sum()) - 1, num_masked))
+        #    reveals at least one token and keeps at least one masked, as AutoNAT clamps its count. A partly masked
+        #    start (`num_masked` < L) follows the schedule scaled to its masked tokens.
+        if self.num_masked is not None and self.num_masked != seq_len:
+            if step_index == 0 and self.num_inference_steps > 1 and int(is_masked[0].sum()) != self.num_masked:
+                raise ValueError(
+                    f"set_timesteps(num_masked={self.num_masked}) but the first step's sample has "
+                    f"{int(is_masked[0].sum())} masked tokens per row."
+                )
+            num_masked = self._scaled_mask_counts[step_index]
+        else:
+            num_masked = num_tokens_to_mask(seq_len, self.step_mask_ratios[step_index])
+            if self.config.mask_ratios is not None and step_index < self.num_inference_steps - 1:
+                num_masked = max(1, min(int(is_masked[0].sum()) - 1, num_masked))
         remask = lowest_scores_mask(confidence, num_masked) & is_masked
         prev_sample = torch.where(remask, self.config.mask_token_id, sampled)
 
@@ -287,6 +368,16 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, sampled)
         return MaskedTokenSchedulerOutput(prev_sample=prev_sample, pred_original_sample=sampled)
+
+    @staticmethod
+    def _raise_not_finite(model_output: torch.Tensor, step_index: int, product: str):
+        """A clear error naming the cause: the logits themselves, or their product with a temperature."""
+        if not torch.isfinite(model_output).all():
+            raise ValueError(f"Step {step_index}: the logits are not finite (NaN or inf in model_output).")
+        raise ValueError(
+            f"Step {step_index}: {product} is not finite: the temperature overflows with these logits; use a value "
+            "closer to 1."
+        )
 
     def sample_mask_ratio(self, generator: Optional[torch.Generator] = None) -> float:
         """A training mask ratio from Beta(beta_alpha, beta_beta), seeded from `generator`."""
