@@ -11,7 +11,7 @@ ENAT is a non-autoregressive transformer over VQ tokens. Two ideas shape this fi
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
 
 
@@ -67,6 +67,15 @@ def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
 def feed_forward(dim: int, inner_dim: int) -> FeedForward:
     """diffusers' two-layer MLP with tanh-approximated GELU (`net.0.proj`, `net.2`), as the original's `Mlp`."""
     return FeedForward(dim, inner_dim=inner_dim, activation_fn="gelu-approximate", bias=True)
+
+
+def check_no_attention_kwargs(attention_kwargs: Optional[Dict[str, Any]], model_name: str):
+    """After `apply_lora_scale` took `"scale"`, nothing may be left: the attention processors take no other keys."""
+    if attention_kwargs:
+        raise ValueError(
+            f"attention_kwargs {sorted(attention_kwargs, key=str)} are not used by {model_name}: it takes only "
+            "'scale' (the LoRA scale)."
+        )
 
 
 def check_token_grid(input_ids: torch.LongTensor, side: int) -> torch.LongTensor:
@@ -389,6 +398,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 hidden_states = block(hidden_states, conditioning, context)
         return hidden_states
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -396,6 +406,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         encoder_hidden_states: Optional[torch.Tensor] = None,
         pooled_text_embeds: Optional[torch.Tensor] = None,
         reuse_state: Optional[ENATReuseState] = None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
         return_dict: bool = True,
     ) -> Union[ENATTransformer2DModelOutput, tuple]:
         r"""
@@ -414,6 +425,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 The `reuse_state` of the previous step's output. With it, only the tokens revealed since then are
                 encoded, with the previous features through `prev_proj` as context (ENAT §4.2). Tokens may only be
                 revealed, never hidden again. `None` runs the plain forward.
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' `apply_lora_scale`).
             return_dict (`bool`, defaults to `True`):
                 Return an `ENATTransformer2DModelOutput` instead of a tuple `(logits, reuse_state)`.
 
@@ -421,6 +434,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             `ENATTransformer2DModelOutput` with `logits` of shape `(batch_size, sequence_length, codebook_size)` and
             the `reuse_state` for the next step.
         """
+        check_no_attention_kwargs(attention_kwargs, type(self).__name__)
         input_ids = check_token_grid(input_ids, self.config.sample_size)
         self._check_condition(input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds)
         mask = input_ids == self.mask_token_id  # (B, L)

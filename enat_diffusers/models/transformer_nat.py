@@ -12,17 +12,17 @@ modules as ENAT's.
 """
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, BasicTransformerBlock
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
 
-from .transformer_enat import ENATMlmHead, ENATTokenEmbedding, check_token_grid
+from .transformer_enat import ENATMlmHead, ENATTokenEmbedding, check_no_attention_kwargs, check_token_grid
 
 
 @dataclass
@@ -135,11 +135,13 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
             return self._gradient_checkpointing_func(block, hidden_states)
         return block(hidden_states)
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         input_ids: torch.LongTensor,
         class_labels: torch.LongTensor,
         reuse_state=None,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
         return_dict: bool = True,
     ) -> Union[NATTransformer2DModelOutput, tuple]:
         r"""
@@ -151,6 +153,8 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
                 Class ids in `[0, num_classes]`, `num_classes` being the null class.
             reuse_state: Must be `None`: a NAT recomputes every token at every step (ENAT's temporal reuse needs
                 `ENATTransformer2DModel`).
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}` scales the loaded LoRA adapters for this call (diffusers' `apply_lora_scale`).
             return_dict (`bool`, defaults to `True`):
                 Return a `NATTransformer2DModelOutput` instead of a tuple `(logits,)`.
         """
@@ -159,6 +163,7 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
                 "NATTransformer2DModel has no feature reuse (every token goes through every block at every step); "
                 "pass reuse_state=None (pipelines: reuse_features=False)."
             )
+        check_no_attention_kwargs(attention_kwargs, type(self).__name__)
         input_ids = check_token_grid(input_ids, self.config.sample_size)
         batch_size = input_ids.shape[0]
         if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point():
