@@ -13,6 +13,7 @@ import torch
 from conftest import FIXTURES, call_converter, tiny_class_pipeline, tiny_text_pipeline
 from diffusers.utils import logging as diffusers_logging
 
+from enat_diffusers import MaskedTokenScheduler
 from enat_diffusers.conversion import checkpoints as convert
 from enat_diffusers.conversion.cli import write_atomically
 
@@ -194,6 +195,14 @@ CLASS_CASES = [
     ("latents", dict(class_labels=[1], latents=torch.full((1, 4, 4), 99))),
     ("output_type", dict(class_labels=[1], output_type=None)),
     ("callback_on_step_end", dict(class_labels=[1], callback_on_step_end=lambda *a: [1])),
+    ("callback_on_step_end", dict(class_labels=[1], callback_on_step_end=5)),
+    ("generator", dict(class_labels=[1, 2], generator=[None, torch.Generator()])),
+    ("num_inference_steps", dict(class_labels=[1], num_inference_steps=True)),
+    ("num_images_per_prompt", dict(class_labels=[1], num_images_per_prompt=True)),
+    ("reuse_features", dict(class_labels=[1], reuse_features="yes")),
+    ("return_dict", dict(class_labels=[1], return_dict="no")),
+    ("prompt", dict(prompt="\ud800")),
+    ("attention_kwargs", dict(class_labels=[1], attention_kwargs={"scale": float("nan")})),
 ]
 
 TEXT_CASES = [
@@ -211,6 +220,16 @@ TEXT_CASES = [
     ),
     ("guidance_scale", dict(prompt="a", guidance_scale=float("inf"))),
     ("mask_temperature", dict(prompt="a", mask_temperature=float("inf"))),
+    ("prompt", dict(prompt=["a red bus", "a \ud800 bus"])),
+    ("negative_prompt", dict(prompt="a", negative_prompt="\udfff")),
+    (
+        "negative_pooled_prompt_embeds",
+        dict(
+            prompt="a",
+            negative_prompt_embeds=torch.zeros(1, 77, 16),
+            negative_pooled_prompt_embeds=torch.full((1, 16), float("nan")),
+        ),
+    ),
 ]
 
 
@@ -229,6 +248,31 @@ def test_bad_class_pipeline_arguments_are_clear_errors(class_pipe, argument, kwa
 @pytest.mark.parametrize("argument, kwargs", TEXT_CASES)
 def test_bad_text_pipeline_arguments_are_clear_errors(text_pipe, argument, kwargs):
     check_clear_error(text_pipe, argument, dict(kwargs))
+
+
+def test_guidance_that_overflows_is_refused_naming_the_guidance(class_pipe, text_pipe):
+    # finite scales whose products with the logits are not: every token would come out as the last id
+    with pytest.raises(ValueError, match="guidance overflowed"):
+        class_pipe(class_labels=[1], guidance_scale=1e300, num_inference_steps=2)
+    with pytest.raises(ValueError, match="guidance overflowed"):
+        text_pipe("a", guidance_scale=1e39, num_inference_steps=2)
+
+
+def test_non_finite_logits_are_refused_naming_the_logits():
+    pipe = tiny_class_pipeline()
+    with torch.no_grad():
+        pipe.transformer.decoder_blocks[0].attn.to_v.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits are not finite"):
+        pipe(class_labels=[1], num_inference_steps=2)
+
+
+def test_temperature_products_that_overflow_are_refused_naming_the_temperature(class_pipe):
+    with pytest.raises(ValueError, match="mask_temperature"):
+        class_pipe(class_labels=[1], mask_temperature=1e300, num_inference_steps=2, generator=torch.Generator())
+    scheduler = MaskedTokenScheduler(mask_token_id=8, sampling_temperatures=[1e-45, 1e-45])
+    scheduler.set_timesteps(2)
+    with pytest.raises(ValueError, match="sampling temperature"):
+        scheduler.step(torch.randn(1, 16, 8), 0, torch.full((1, 16), 8), generator=torch.Generator())
 
 
 def test_numpy_integer_labels_are_accepted(class_pipe):

@@ -110,6 +110,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         id2label = {int(key): value for key, value in id2label.items()} if id2label else None
         self.register_to_config(id2label=id2label)
         self._interrupt = False
+        self._attention_kwargs = None
         self.labels = {}  # lower-case name -> ids
         for key, value in (id2label or {}).items():
             self.labels.setdefault(value.strip().lower(), []).append(key)
@@ -184,13 +185,24 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         """
         device = device or self._execution_device
         if prompt_embeds is None:
+            if pooled_prompt_embeds is not None:
+                raise ValueError(
+                    "`pooled_prompt_embeds` needs `prompt_embeds`: with a text prompt both are encoded from it, and "
+                    "the given pooled embeddings would be ignored."
+                )
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds, pooled_prompt_embeds = self._encode_text(prompts, device)
+            check_finite("the text encoder's embeddings of the prompt", prompt_embeds, pooled_prompt_embeds)
         elif pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too.")
         batch_size = prompt_embeds.shape[0]
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_pooled_prompt_embeds is not None:
+                raise ValueError(
+                    "`negative_pooled_prompt_embeds` needs `negative_prompt_embeds`: without them the negative prompt "
+                    '(or "") is encoded, and the given pooled embeddings would be ignored.'
+                )
             negative = negative_prompt if negative_prompt is not None else ""
             negatives = [negative] * batch_size if isinstance(negative, str) else list(negative)
             if len(negatives) != batch_size:
@@ -198,6 +210,11 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                     f"Got {len(negatives)} negative prompts for {batch_size} prompts; pass one, or one per prompt."
                 )
             negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_text(negatives, device)
+            check_finite(
+                "the text encoder's embeddings of the negative prompt",
+                negative_prompt_embeds,
+                negative_pooled_prompt_embeds,
+            )
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too.")
         if pooled_prompt_embeds.shape[0] != batch_size:
@@ -214,14 +231,16 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 f"{tuple(prompt_embeds.shape)} and {tuple(pooled_prompt_embeds.shape)}."
             )
 
-        def repeat(tensor):
-            return None if tensor is None else tensor.to(device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        if not do_classifier_free_guidance:
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        pooled_prompt_embeds = pooled_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+            negative_pooled_prompt_embeds = negative_pooled_prompt_embeds.to(device).repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
+        else:
             negative_prompt_embeds = negative_pooled_prompt_embeds = None
-        return tuple(
-            map(repeat, (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds))
-        )
+        return prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
 
     # ------------------------------------------------------------------------------------------------------ checks
 
@@ -244,9 +263,23 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         mask_temperature=None,
         sampling_temperature=None,
         generator=None,
+        negative_pooled_prompt_embeds=None,
+        reuse_features=None,
+        return_dict=True,
+        callback_on_step_end=None,
+        attention_kwargs=None,
     ):
         check_prompt(prompt, "prompt")
         check_prompt(negative_prompt, "negative_prompt")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(
+                "callback_on_step_end must be a function `(pipe, step, timestep, callback_kwargs) -> dict`, a "
+                f"PipelineCallback or MultiPipelineCallbacks, got {type(callback_on_step_end).__name__}."
+            )
+        for name, value in (("reuse_features", reuse_features), ("return_dict", return_dict)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
+        check_attention_kwargs(attention_kwargs)
         for name, value in (
             ("guidance_scale", guidance_scale),
             ("mask_temperature", mask_temperature),
@@ -256,8 +289,18 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0
             ):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
-        generators = generator if isinstance(generator, list) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
+        if isinstance(generator, list):
+            if not generator:
+                raise TypeError(
+                    "generator is an empty list: pass one torch.Generator per image, one for all, or None."
+                )
+            for index, item in enumerate(generator):
+                if not isinstance(item, torch.Generator):
+                    raise TypeError(
+                        f"generator[{index}] is {type(item).__name__}, not a torch.Generator: a list of generators "
+                        "needs one generator for every image."
+                    )
+        elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or a list of them (one per image), got {generator!r}."
             )
@@ -265,6 +308,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             ("prompt_embeds", prompt_embeds),
             ("pooled_prompt_embeds", pooled_prompt_embeds),
             ("negative_prompt_embeds", negative_prompt_embeds),
+            ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
         ):
             if value is not None and (not isinstance(value, torch.Tensor) or not value.is_floating_point()):
                 raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}.")
@@ -277,8 +321,20 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 raise ValueError("Pass exactly one of `prompt` and `prompt_embeds`.")
             if prompt_embeds is not None and pooled_prompt_embeds is None:
                 raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` too.")
+            if prompt_embeds is None and pooled_prompt_embeds is not None:
+                raise ValueError(
+                    "`pooled_prompt_embeds` needs `prompt_embeds`: with a text prompt both are encoded from it, and "
+                    "the given pooled embeddings would be ignored."
+                )
             if negative_prompt is not None and negative_prompt_embeds is not None:
                 raise ValueError("Pass at most one of `negative_prompt` and `negative_prompt_embeds`.")
+            if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` needs `negative_pooled_prompt_embeds` too.")
+            if negative_prompt_embeds is None and negative_pooled_prompt_embeds is not None:
+                raise ValueError(
+                    "`negative_pooled_prompt_embeds` needs `negative_prompt_embeds`: without them the negative prompt "
+                    '(or "") is encoded, and the given pooled embeddings would be ignored.'
+                )
         else:
             if (prompt is None) == (class_labels is None):
                 raise ValueError(
@@ -290,6 +346,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 "prompt_embeds": prompt_embeds,
                 "pooled_prompt_embeds": pooled_prompt_embeds,
                 "negative_prompt_embeds": negative_prompt_embeds,
+                "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds,
             }
             given = [name for name, value in text_inputs.items() if value is not None]
             if given:
@@ -304,12 +361,20 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 f"This model generates {expected}x{expected} images (a {side}x{side} token grid with a "
                 f"{self.vae_scale_factor}x VQ decoder); got height={height}, width={width}."
             )
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= side * side:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= side * side
+        ):
             raise ValueError(
                 f"num_inference_steps must be an integer in [1, {side * side}] (the number of tokens), "
                 f"got {num_inference_steps!r}."
             )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, int)
+            or num_images_per_prompt < 1
+        ):
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -364,9 +429,14 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
     @property
     def interrupt(self) -> bool:
-        """Set `pipe._interrupt = True` from a callback to stop; the tokens still masked are filled with the last
-        step's predictions."""
+        """Set `pipe._interrupt = True` from a callback to stop: the tokens that no step revealed are filled with the
+        last step's predictions, the rest stays as the callback left it (see `sample_tokens`)."""
         return self._interrupt
+
+    @property
+    def attention_kwargs(self) -> Optional[Dict[str, Any]]:
+        """This call's `attention_kwargs` (`{"scale": s}` sets the scale of loaded LoRA adapters)."""
+        return self._attention_kwargs
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs):
         """`DiffusionPipeline.save_pretrained`, plus a one-line `pipeline.py` that lets plain
@@ -389,66 +459,138 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
     ) -> torch.LongTensor:
         """
         The decoding loop shared by the generation and editing pipelines: runs the scheduler's steps from `latents`
-        (`(B, L)` ids, [MASK] where unknown) and returns `(B, L)` ids without [MASK]. `set_timesteps` must have run;
-        `model_kwargs` hold the condition, already doubled (cond first) when guidance is on.
+        (`(B, L)` ids, [MASK] where unknown) and returns `(B, L)` ids without [MASK]. `set_timesteps` must have run
+        (`prepare_timesteps`); `model_kwargs` hold the condition, already doubled (cond first) when guidance is on.
+        `reuse_features=None` reuses when the transformer can (ENAT, not NAT).
 
-        A callback may change the ids between steps. Reuse stays exact: when a callback changes or re-masks a token
-        that the reuse state has already encoded, the state is dropped and the next step re-encodes every visible
-        token (as `reuse_features=False` would for that step). Tokens still masked after the last step (re-masked by a
-        callback) get one more final step. `reuse_features=None` reuses when the transformer can (ENAT, not NAT).
+        The callback contract (`callback_on_step_end`, after every step):
+
+        * It may change the ids, by returning `{"latents": ids}` or by editing `callback_kwargs["latents"]` in place:
+          reveal, change or re-mask tokens (the same number of [MASK] in every image). Edits are found by comparing
+          with a copy taken before the call. When an edit touches a token that the reuse state has already encoded
+          (one visible at the step's input), the state is dropped and the next step re-encodes every visible token;
+          edits of other tokens keep it.
+        * Setting `pipe._guidance_scale` changes the guidance of the following steps (`scheduler.guidance_scale_at`);
+          0 switches it off and drops the unconditional batch (diffusers' CFG-cutoff pattern). Guidance that was off
+          at the start cannot be switched on.
+        * Setting `pipe._interrupt = True` stops: tokens that no step revealed get the last step's predictions
+          (`pred_original_sample`, as the callback left it); everything else stays as the callback left it.
+        * Tokens still masked at the end that have no prediction (re-masked by the callback after the last step, or
+          before an interrupt) get one final step, as the last step of the schedule: old ids are never put back.
         """
         reuse_features = self.check_reuse_features(reuse_features)
         mask_token_id = self.transformer.mask_token_id
-        do_cfg = self._do_classifier_free_guidance
         timesteps = self.scheduler.timesteps
+        start_guidance = self._guidance_scale
         reuse_state = None
         predicted = latents
-
-        def run_step(index, timestep, latents, reuse_state):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            logits, *state = self.transformer(model_input, reuse_state=reuse_state, return_dict=False, **model_kwargs)
-            state = state[0] if state else None  # a NAT keeps no state
-            logits = logits.float()
-            if do_cfg:
-                cond, uncond = logits.chunk(2)
-                logits = cond + self.scheduler.step_guidance_scales[index] * (cond - uncond)
-            output = self.scheduler.step(logits, timestep, latents, generator=generator)
-            return output.prev_sample, output.pred_original_sample, state
+        unrevealed = torch.zeros_like(latents, dtype=torch.bool)  # [MASK] in the last scheduler output
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
-                latents, predicted, state = run_step(i, t, latents, reuse_state)
-                reuse_state = state if reuse_features else None
-
+                scale, model_kwargs, reuse_state = self._step_guidance(i, start_guidance, model_kwargs, reuse_state)
+                latents, predicted, reuse_state = self._denoise_step(
+                    i, t, latents, model_kwargs, reuse_state, scale, generator
+                )
+                reuse_state = reuse_state if reuse_features else None
+                unrevealed = latents == mask_token_id
                 if callback_on_step_end is not None:
-                    tensors = {"latents": latents, "pred_original_sample": predicted}
-                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    if callback_outputs is not None and not isinstance(callback_outputs, dict):
-                        raise TypeError(
-                            "callback_on_step_end must return a dict (e.g. {'latents': ids}) or None, got "
-                            f"{type(callback_outputs).__name__}."
-                        )
-                    new_latents = self._check_token_ids(
-                        (callback_outputs or {}).get("latents", latents),
-                        latents,
-                        "`latents` from callback_on_step_end",
+                    latents, predicted, reuse_state = self._run_callback(
+                        callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, predicted, reuse_state
                     )
-                    if reuse_state is not None:
-                        encoded = ~reuse_state.mask[: latents.shape[0]]  # tokens the state holds features of
-                        if (encoded & (new_latents != latents)).any():
-                            logger.info(f"step {i}: the callback changed encoded tokens; the next step re-encodes all")
-                            reuse_state = None
-                    latents = new_latents
                 progress_bar.update()
 
-        if self.interrupt:  # fill what is still masked with the last predictions
-            return torch.where(latents == mask_token_id, predicted, latents)
-        if (latents == mask_token_id).any():  # re-masked by the callback after the last step
-            latents, _, _ = run_step(len(timesteps) - 1, timesteps[-1], latents, reuse_state)
+        if self.interrupt:  # what no step revealed gets the last predictions; the callback's edits stay
+            latents = torch.where(unrevealed & (latents == mask_token_id), predicted, latents)
+        if (latents == mask_token_id).any():  # re-masked by the callback: one final step
+            last = len(timesteps) - 1
+            scale, model_kwargs, reuse_state = self._step_guidance(last, start_guidance, model_kwargs, reuse_state)
+            latents, _, _ = self._denoise_step(
+                last, timesteps[-1], latents, model_kwargs, reuse_state, scale, generator
+            )
         return latents
+
+    def _step_guidance(self, index: int, start_guidance: float, model_kwargs, reuse_state):
+        """The guidance scale of step `index`: the scheduler's, unless a callback changed `pipe._guidance_scale`
+        since the start; switched off, the unconditional rows are dropped from the condition and the reuse state."""
+        guidance = self._guidance_scale
+        if guidance == start_guidance:
+            return self.scheduler.step_guidance_scales[index], model_kwargs, reuse_state
+        scale = self.scheduler.guidance_scale_at(index, guidance)
+        if not self._do_classifier_free_guidance:
+            if guidance != 0:
+                raise ValueError(
+                    f"A callback set the guidance scale to {guidance}, but guidance was off at the start of this call "
+                    "(no unconditional branch was prepared): a callback can lower or switch off guidance, not switch "
+                    "it on."
+                )
+            return 0.0, model_kwargs, reuse_state
+        if guidance == 0:  # off for the rest of the call: the conditional rows only
+            self._do_classifier_free_guidance = False
+            rows = next(iter(model_kwargs.values())).shape[0] // 2
+            model_kwargs = {name: value[:rows] for name, value in model_kwargs.items()}
+            if reuse_state is not None:
+                reuse_state = type(reuse_state)(
+                    **{name: value[:rows] if torch.is_tensor(value) else value for name, value in reuse_state.items()}
+                )
+        return scale, model_kwargs, reuse_state
+
+    def _denoise_step(self, index, timestep, latents, model_kwargs, reuse_state, scale: float, generator):
+        """One forward (cond and uncond as one batch with guidance), the guided logits, checked, and the scheduler's
+        step; returns `(prev_sample, pred_original_sample, reuse_state)`."""
+        do_cfg = self._do_classifier_free_guidance
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        logits, *state = self.transformer(
+            model_input,
+            reuse_state=reuse_state,
+            return_dict=False,
+            attention_kwargs=self._attention_kwargs,
+            **model_kwargs,
+        )
+        state = state[0] if state else None  # a NAT keeps no state
+        raw = logits = logits.float()
+        if do_cfg:
+            cond, uncond = logits.chunk(2)
+            logits = cond + scale * (cond - uncond)
+        if not torch.isfinite(logits).all():  # one check per step: never sample from NaN
+            if not torch.isfinite(raw).all():
+                raise ValueError(
+                    f"Step {index}: the logits are not finite (NaN or inf in the transformer's output): check the "
+                    "model's weights and inputs."
+                )
+            raise ValueError(
+                f"Step {index}: the guidance overflowed: guidance scale {scale:g} times (cond - uncond) is not "
+                "finite; use a smaller guidance_scale."
+            )
+        output = self.scheduler.step(logits, timestep, latents, generator=generator)
+        return output.prev_sample, output.pred_original_sample, state
+
+    def _run_callback(self, callback, tensor_inputs, step, timestep, latents, predicted, reuse_state):
+        """Calls `callback_on_step_end` and applies its edits (see `sample_tokens`); returns `(latents, predicted,
+        reuse_state)`."""
+        before = latents.clone()  # in-place edits are found against this copy
+        tensors = {"latents": latents, "pred_original_sample": predicted}
+        outputs = callback(self, step, timestep, {name: tensors[name] for name in tensor_inputs})
+        if outputs is not None and not isinstance(outputs, dict):
+            raise TypeError(
+                "callback_on_step_end must return a dict (e.g. {'latents': ids}) or None, got "
+                f"{type(outputs).__name__}."
+            )
+        outputs = outputs or {}
+        latents = self._check_token_ids(outputs.get("latents", latents), before, "`latents` from callback_on_step_end")
+        if "pred_original_sample" in outputs:
+            what = "`pred_original_sample` from callback_on_step_end"
+            predicted = self._check_token_ids(outputs["pred_original_sample"], before, what)
+            if (predicted == self.transformer.mask_token_id).any():
+                raise ValueError(f"{what} holds [MASK]: it holds the predicted ids that fill the masked tokens.")
+        if reuse_state is not None:
+            encoded = ~reuse_state.mask[: before.shape[0]]  # tokens the state holds features of
+            if (encoded & (latents != before)).any():
+                logger.info(f"step {step}: the callback changed encoded tokens; the next step re-encodes all")
+                reuse_state = None
+        return latents, predicted, reuse_state
 
     def check_reuse_features(self, reuse_features: Optional[bool]) -> bool:
         """`None` -> whether the transformer supports feature reuse; `True` for a transformer without it is an
@@ -456,6 +598,8 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         supported = self.transformer.supports_reuse
         if reuse_features is None:
             return supported
+        if not isinstance(reuse_features, bool):
+            raise TypeError(f"reuse_features must be True, False or None, got {reuse_features!r}.")
         if reuse_features and not supported:
             raise ValueError(
                 f"reuse_features=True, but {type(self.transformer).__name__} has no feature reuse (a NAT recomputes "
@@ -509,6 +653,7 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        attention_kwargs: Optional[Dict[str, Any]] = None,
     ):
         r"""
         Generates images.
@@ -539,8 +684,9 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 Source of all randomness. A list gives one generator per image, so that an image does not depend on
                 the rest of the batch.
             latents (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-                Token ids to start from, [MASK] where unknown (the same number of [MASK] in every image); all-[MASK] by
-                default. Given tokens are kept.
+                Token ids to start from, [MASK] where unknown (the same number `M > 0` of [MASK] in every image);
+                all-[MASK] by default. Given tokens are kept; `min(num_inference_steps, M)` steps run, with the
+                schedule scaled to the `M` masked tokens (`scheduler.set_timesteps(..., num_masked=M)`).
             prompt_embeds (`torch.Tensor`, *optional*):
                 Precomputed text token embeddings `(batch_size, text_sequence_length, text_embed_dim)`.
             pooled_prompt_embeds (`torch.Tensor`, *optional*):
@@ -565,11 +711,14 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
                 Return an [`~pipelines.ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
                 Called as `callback_on_step_end(pipe, step, timestep, callback_kwargs)` after every step. It may
-                return `{"latents": ids}` to change the ids of the next step: reveal, change or re-mask tokens (the
-                same number of [MASK] in every image). Edits of already-encoded tokens drop the reuse state for one
-                step, so that they always reach the model.
+                change the ids of the next step, returned as `{"latents": ids}` or edited in place: reveal, change or
+                re-mask tokens (the same number of [MASK] in every image). Edits of already-encoded tokens drop the
+                reuse state for one step, so that they always reach the model. `pipe._guidance_scale = 0` switches
+                guidance off for the following steps; `pipe._interrupt = True` stops (see `sample_tokens`).
             callback_on_step_end_tensor_inputs (`List[str]`, defaults to `["latents"]`):
                 Tensors passed to the callback; taken from the callback itself for `PipelineCallback`s.
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}` scales the loaded LoRA adapters of the transformer for this call (0 turns them off).
 
         Examples:
 
@@ -596,23 +745,25 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             mask_temperature=mask_temperature,
             sampling_temperature=sampling_temperature,
             generator=generator,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            reuse_features=reuse_features,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            attention_kwargs=attention_kwargs,
         )
         device = self._execution_device
         side = self.transformer.config.sample_size
-        mask_token_id = self.transformer.mask_token_id
+        if latents is not None:
+            latents = self._check_start_latents(latents)
+        num_masked = side * side if latents is None else int((latents[0] == self.transformer.mask_token_id).sum())
+        if num_masked == 0:
+            raise ValueError("latents has no [MASK] token: there is nothing to generate.")
 
-        # 1. Schedule (validates the sampling parameters), and whether guidance needs the unconditional branch.
-        self.scheduler.set_timesteps(
-            num_inference_steps,
-            device=device,
-            guidance_scale=guidance_scale,
-            mask_temperature=mask_temperature,
-            sampling_temperature=sampling_temperature,
+        # 1. Schedule for the masked tokens (validates the sampling parameters; decides whether guidance runs).
+        self.prepare_timesteps(
+            num_masked, num_inference_steps, device, guidance_scale, mask_temperature, sampling_temperature
         )
-        self._do_classifier_free_guidance = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
-        self._guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
-        self._num_timesteps = num_inference_steps
-        self._interrupt = False
+        self._attention_kwargs = attention_kwargs
 
         # 2. Conditions: the conditional batch first, the unconditional one second.
         model_kwargs, batch_size = self.prepare_condition(
@@ -631,9 +782,13 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
         # 3. Starting tokens.
         if latents is None:
-            latents = torch.full((batch_size, side * side), mask_token_id, dtype=torch.long, device=device)
-        else:
-            latents = self._check_start_latents(latents, batch_size)
+            latents = torch.full(
+                (batch_size, side * side), self.transformer.mask_token_id, dtype=torch.long, device=device
+            )
+        elif latents.shape[0] != batch_size:
+            raise ValueError(
+                f"latents must have shape {(batch_size, side, side)}, got {(latents.shape[0], side, side)}."
+            )
 
         # 4. Decoding loop, then the VQ decoder.
         return self.sample_and_decode(
@@ -725,15 +880,55 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
         return num_inference_steps, callback_on_step_end_tensor_inputs
 
-    def _check_start_latents(self, latents, batch_size) -> torch.LongTensor:
+    def _check_start_latents(self, latents) -> torch.LongTensor:
+        """Given start tokens: an integer tensor `(B, side, side)` of ids in `[0, mask_token_id]` with the same number
+        of [MASK] in every row; returned as `(B, L)` on the execution device (the batch size is checked later)."""
         side = self.transformer.config.sample_size
         if not isinstance(latents, torch.Tensor) or latents.dtype not in (torch.int64, torch.int32):
             found = type(latents).__name__ if not isinstance(latents, torch.Tensor) else str(latents.dtype)
             raise TypeError(f"latents must be an integer torch.Tensor of token ids, got {found}.")
-        if tuple(latents.shape) != (batch_size, side, side):
-            raise ValueError(f"latents must have shape {(batch_size, side, side)}, got {tuple(latents.shape)}.")
-        reference = torch.empty(batch_size, side * side, dtype=torch.long, device=self._execution_device)
+        if latents.ndim != 3 or tuple(latents.shape[1:]) != (side, side):
+            raise ValueError(f"latents must have shape (batch_size, {side}, {side}), got {tuple(latents.shape)}.")
+        reference = torch.empty(latents.shape[0], side * side, dtype=torch.long, device=self._execution_device)
         return self._check_token_ids(latents, reference, "latents")
+
+    def prepare_timesteps(
+        self,
+        num_masked: int,
+        num_inference_steps: int,
+        device=None,
+        guidance_scale: Optional[float] = None,
+        mask_temperature: Optional[float] = None,
+        sampling_temperature: Optional[float] = None,
+    ) -> int:
+        """
+        Sets the scheduler for a decoding that starts with `num_masked` masked tokens (`set_timesteps(...,
+        num_masked=...)`: the schedule scaled to them) and this call's state (`_do_classifier_free_guidance`,
+        `_guidance_scale`, `_num_timesteps`, `_interrupt`); returns the number of steps.
+
+        `min(num_inference_steps, num_masked)` steps run: never more steps than masked tokens. A scheduler with an
+        explicit per-step strategy fixes the number of steps; a start with fewer masked tokens than that is an error.
+        """
+        steps = min(num_inference_steps, num_masked)
+        fixed = self.scheduler.strategy_num_steps
+        if fixed is not None and steps < num_inference_steps and steps != fixed:
+            raise ValueError(
+                f"This scheduler's per-step strategy runs {fixed} steps, but only {num_masked} tokens are masked at "
+                f"the start and a call runs at most one step per masked token."
+            )
+        self.scheduler.set_timesteps(
+            steps,
+            device=device,
+            guidance_scale=guidance_scale,
+            mask_temperature=mask_temperature,
+            sampling_temperature=sampling_temperature,
+            num_masked=num_masked,
+        )
+        self._do_classifier_free_guidance = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
+        self._guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
+        self._num_timesteps = steps
+        self._interrupt = False
+        return steps
 
     def decode_tokens(self, tokens: torch.LongTensor, output_type: str = "pil"):
         """`(B, h, w)` token ids -> images of `output_type` (`"latent"` returns the ids)."""
@@ -746,13 +941,44 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
 
 
 def check_prompt(prompt, name: str):
-    """`None`, a string, or a non-empty list of strings."""
-    if prompt is None or isinstance(prompt, str):
+    """`None`, a string, or a non-empty list of strings, each valid Unicode text."""
+    if prompt is None:
         return
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+    if not isinstance(prompt, str) and (
+        not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt)
+    ):
         raise TypeError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}: {prompt!r:.80}")
-    if len(prompt) == 0:
+    if len(prompt) == 0 and not isinstance(prompt, str):
         raise ValueError(f"{name} is an empty list: pass at least one.")
+    for text in [prompt] if isinstance(prompt, str) else prompt:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"{name} is not valid Unicode text: {text[error.start : error.end]!r} at index {error.start} is a "
+                "lone surrogate (half of a UTF-16 pair)."
+            ) from None
+
+
+def check_attention_kwargs(attention_kwargs):
+    """`None`, or a dict whose only key is `"scale"` (the LoRA scale, a finite number): other keys would be ignored."""
+    if attention_kwargs is None:
+        return
+    if not isinstance(attention_kwargs, dict):
+        raise TypeError(f"attention_kwargs must be a dict such as {{'scale': 0.5}}, got {attention_kwargs!r:.80}.")
+    unknown = sorted(set(attention_kwargs) - {"scale"}, key=str)
+    if unknown:
+        raise ValueError(
+            f"attention_kwargs {unknown} would be ignored: ENAT's attention takes only 'scale' (the LoRA scale)."
+        )
+    scale = attention_kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"attention_kwargs['scale'] (the LoRA scale) must be a finite number, got {scale!r}.")
+
+
+def check_finite(what: str, *tensors: torch.Tensor):
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        raise ValueError(f"{what} are not finite (NaN or inf): check the text encoder's weights.")
 
 
 def check_components(transformer, scheduler, vqvae):

@@ -18,7 +18,7 @@ Rules (also in the `__call__` docstring):
 
 import math
 import numbers
-from typing import Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -79,7 +79,8 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
             if not where.any():  # a 1x1 grid has one coset
                 continue
             ids = tokens.masked_fill(where, self.transformer.mask_token_id)
-            logits = self.transformer(ids, return_dict=False, **model_kwargs)[0].float()
+            output = self.transformer(ids, return_dict=False, attention_kwargs=self._attention_kwargs, **model_kwargs)
+            logits = output[0].float()
             log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             scores = torch.where(where, log_probs, scores)
         return scores
@@ -128,6 +129,7 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
         return_dict: bool = True,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        attention_kwargs: Optional[Dict[str, Any]] = None,
     ):
         r"""
         Regenerates a fraction of the tokens of images.
@@ -151,7 +153,8 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
                 Decoding steps of the edit; with `M` re-masked tokens `min(num_inference_steps, M)` run.
             guidance_scale, negative_prompt, num_images_per_prompt, generator, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, mask_temperature, sampling_temperature,
-            reuse_features, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs:
+            reuse_features, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            attention_kwargs:
                 As in [`ENATPipeline.__call__`] (guidance ramps over the edit's steps). With `reuse_features` the
                 kept tokens are encoded once, at the first step, and reused after.
 
@@ -181,6 +184,11 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
             mask_temperature=mask_temperature,
             sampling_temperature=sampling_temperature,
             generator=generator,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            reuse_features=reuse_features,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            attention_kwargs=attention_kwargs,
         )
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
             raise ValueError(f"strength must be a number in (0, 1] (the fraction of tokens re-masked): {strength!r}")
@@ -194,9 +202,10 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
 
         # 1. Image tokens, schedule (decides whether guidance runs), conditions.
         tokens = self._encode_pixels(self.preprocess_image(image, "image")).flatten(1)
-        self.set_edit_timesteps(
+        self.prepare_timesteps(
             num_remask, num_inference_steps, device, guidance_scale, mask_temperature, sampling_temperature
         )
+        self._attention_kwargs = attention_kwargs
         model_kwargs, batch_size = self.prepare_condition(
             prompt,
             class_labels,

@@ -1,9 +1,9 @@
 # Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
 """ENATInpaintPipeline: regenerate the masked part of an image (inpainting; outpainting is inpainting a padded border).
 
-Also home of what the editing pipelines share (`ENATEditingMixin`): image/mask preprocessing and checks, VQ encoding
-of the input image, the condition set-up of `ENATPipeline.__call__`, and the edit schedule (`edit_mask_counts`).
-Both editing pipelines decode with `ENATPipeline.sample_tokens`; there is no second sampling loop.
+Also home of what the editing pipelines share (`ENATEditingMixin`): image/mask preprocessing and checks, and VQ
+encoding of the input image. Both editing pipelines set their schedule with `ENATPipeline.prepare_timesteps` and
+decode with `ENATPipeline.sample_tokens`; there is no second sampling loop.
 
 Rules (also in the `__call__` docstrings):
 
@@ -12,14 +12,14 @@ Rules (also in the `__call__` docstrings):
 * **Schedule.** With `M` of the `L` tokens masked, the edit runs `T = min(num_inference_steps, M)` steps; step `k`
   leaves `floor(M * r_k)` tokens masked, `r_k` being the scheduler's mask ratio of step `k` of `T` (ENAT's cosine
   `cos(pi/2 (k+1)/T)`, or an explicit per-step list): the schedule scaled to the masked tokens, as MaskGIT decodes
-  from a partially known grid. The counts are then clamped so that every step reveals at least one token. With the
-  whole image masked this is exactly the generation schedule of `ENATPipeline`. Temperatures and guidance follow the
-  scheduler's per-step values for those `T` steps (the edit is a generation of `M` tokens).
+  from a partially known grid. The counts are then clamped so that every step reveals at least one token
+  (`edit_mask_counts`). The scheduler owns this rule (`set_timesteps(T, num_masked=M)`), as it does for
+  `ENATPipeline(latents=...)`; with the whole image masked it is exactly the generation schedule. Temperatures and
+  guidance follow the scheduler's per-step values for those `T` steps (the edit is a generation of `M` tokens).
 """
 
-import math
 import numbers
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -29,6 +29,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging, replace_example_docstring
 
+from ..schedulers.scheduling_masked_token import edit_mask_counts  # noqa: F401  (re-exported with the pipelines)
 from .pipeline_enat import ENATPipeline
 
 
@@ -53,27 +54,6 @@ EXAMPLE_DOC_STRING = """
 
 
 # ------------------------------------------------------------------------------------------------ helper functions
-
-
-def edit_mask_counts(num_masked: int, mask_ratios: Sequence[float]) -> List[int]:
-    """
-    Tokens still masked after each step of an edit that starts with `num_masked` masked tokens.
-
-    `mask_ratios` are the scheduler's per-step ratios (`scheduler.step_mask_ratios` after `set_timesteps(T)`, the last
-    one 0). Step `k` keeps `floor(num_masked * mask_ratios[k])` masked (the schedule scaled to the masked tokens),
-    clamped to `[T - 1 - k, previous - 1]` so that every step reveals at least one token and the last reveals the
-    rest; this needs `T <= num_masked`. With `num_masked = L` and a strictly decreasing schedule the counts are
-    ENAT's `floor(L * ratio)`.
-    """
-    steps = len(mask_ratios)
-    if not 1 <= steps <= num_masked:
-        raise ValueError(f"An edit of {num_masked} masked tokens takes 1 to {num_masked} steps, got {steps}.")
-    counts, previous = [], num_masked
-    for k, ratio in enumerate(mask_ratios):
-        count = max(min(math.floor(num_masked * float(ratio)), previous - 1), steps - 1 - k)
-        counts.append(count)
-        previous = count
-    return counts
 
 
 def box_mask(width: int, height: int, box: Tuple[int, int, int, int]) -> PIL.Image.Image:
@@ -188,8 +168,8 @@ def _as_input_list(value, name: str) -> list:
 
 class ENATEditingMixin:
     """
-    What [`ENATInpaintPipeline`] and [`ENATImg2ImgPipeline`] add to [`ENATPipeline`]: input images and masks, VQ
-    encoding, conditions and the edit schedule. Decoding is `ENATPipeline.sample_tokens`.
+    What [`ENATInpaintPipeline`] and [`ENATImg2ImgPipeline`] add to [`ENATPipeline`]: input images and masks, and VQ
+    encoding. The schedule is `ENATPipeline.prepare_timesteps`, decoding `ENATPipeline.sample_tokens`.
     """
 
     # `vqvae.quantize` reads the codebook outside `forward`, where accelerate's offload hooks do not move it
@@ -299,51 +279,6 @@ class ENATEditingMixin:
         side = self.transformer.config.sample_size
         return indices.reshape(pixels.shape[0], side, side).to(device=device, dtype=torch.long)
 
-    # -------------------------------------------------------------------------------------------- conditions
-
-    # ------------------------------------------------------------------------------------------------ schedule
-
-    def set_edit_timesteps(
-        self,
-        num_masked: int,
-        num_inference_steps: int,
-        device=None,
-        guidance_scale: Optional[float] = None,
-        mask_temperature: Optional[float] = None,
-        sampling_temperature: Optional[float] = None,
-    ) -> List[int]:
-        """
-        Sets the scheduler and the call state (`_do_classifier_free_guidance`, `_guidance_scale`, `_num_timesteps`,
-        `_interrupt`) for an edit of `num_masked` masked tokens, as `ENATPipeline.__call__` does for a generation;
-        returns the number of tokens still masked after each step (`edit_mask_counts`).
-
-        `min(num_inference_steps, num_masked)` steps run. A scheduler with an explicit per-step strategy fixes the
-        number of steps; an edit of fewer masked tokens than that is an error.
-        """
-        seq_len = self.transformer.config.sample_size**2
-        steps = min(num_inference_steps, num_masked)
-        fixed = self.scheduler.strategy_num_steps
-        if fixed is not None and steps != fixed:
-            raise ValueError(
-                f"This scheduler's per-step strategy runs {fixed} steps, but this edit masks {num_masked} tokens and "
-                f"runs min(num_inference_steps, masked tokens) = {steps} steps (never more steps than masked tokens)."
-            )
-        self.scheduler.set_timesteps(
-            steps,
-            device=device,
-            guidance_scale=guidance_scale,
-            mask_temperature=mask_temperature,
-            sampling_temperature=sampling_temperature,
-        )
-        counts = edit_mask_counts(num_masked, self.scheduler.step_mask_ratios)
-        # the scheduler keeps floor(L * ratio) masked: encode each count as a ratio that floors to it exactly
-        self.scheduler.step_mask_ratios = [(count + 0.5) / seq_len for count in counts]
-        self._do_classifier_free_guidance = any(scale > 0 for scale in self.scheduler.step_guidance_scales)
-        self._guidance_scale = self.scheduler.config.guidance_scale if guidance_scale is None else guidance_scale
-        self._num_timesteps = steps
-        self._interrupt = False
-        return counts
-
     @staticmethod
     def _check_generators(generator, batch_size: int):
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -408,6 +343,7 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
         return_dict: bool = True,
         callback_on_step_end: Union[Callable, PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        attention_kwargs: Optional[Dict[str, Any]] = None,
     ):
         r"""
         Regenerates the masked part of images.
@@ -429,7 +365,8 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
                 Decoding steps; an edit of `M` masked tokens runs `min(num_inference_steps, M)`.
             guidance_scale, negative_prompt, num_images_per_prompt, generator, prompt_embeds, pooled_prompt_embeds,
             negative_prompt_embeds, negative_pooled_prompt_embeds, mask_temperature, sampling_temperature,
-            reuse_features, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs:
+            reuse_features, output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            attention_kwargs:
                 As in [`ENATPipeline.__call__`] (guidance ramps over the edit's steps). With `reuse_features` the
                 known tokens are encoded once, at the first step, and reused after.
 
@@ -459,6 +396,11 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
             mask_temperature=mask_temperature,
             sampling_temperature=sampling_temperature,
             generator=generator,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            reuse_features=reuse_features,
+            return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end,
+            attention_kwargs=attention_kwargs,
         )
         if image is None:
             raise ValueError("Pass the `image` to inpaint.")
@@ -490,9 +432,10 @@ class ENATInpaintPipeline(ENATEditingMixin, ENATPipeline):
         latents = torch.where(token_mask, mask_token_id, tokens)  # (max(images, masks), L)
 
         # 2. Schedule (decides whether guidance runs), then the conditions.
-        self.set_edit_timesteps(
+        self.prepare_timesteps(
             num_masked, num_inference_steps, device, guidance_scale, mask_temperature, sampling_temperature
         )
+        self._attention_kwargs = attention_kwargs
         model_kwargs, batch_size = self.prepare_condition(
             prompt,
             class_labels,
