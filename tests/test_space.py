@@ -5,9 +5,9 @@ except in the browser, which shows the shipped Shapes model when the repository 
 import importlib.util
 import json
 import os
-import socket
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -80,10 +80,34 @@ def class_demo(app, class_model_dir):
     return app.EnatDemo(app.load_pipeline(str(class_model_dir)), str(class_model_dir))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def serve(app, model_dir):
+    """The app launched by its own `main` on 127.0.0.1, port 0: the system picks a free port when the server binds, so
+    no other process can take it between a pick and the bind. Gradio reports the port it was given (0), so its server
+    start is wrapped to read the bound port back."""
+    from gradio import http_server
+
+    start_server = http_server.start_server
+
+    def start_on_bound_port(*args, **kwargs):
+        server_name, port, url, server = start_server(*args, **kwargs)
+        if port == 0:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = url.replace(":0/", f":{port}/")
+        return server_name, port, url, server
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(http_server, "start_server", start_on_bound_port)
+        return app.main(["--model", str(model_dir), "--host", "127.0.0.1", "--port", "0"], True)
+
+
+def job_result(job, seconds: float = 600):
+    """A gradio_client job's result, polled up to a generous deadline; a timeout reports the job's last status."""
+    deadline = time.monotonic() + seconds
+    while not job.done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"The job gave no result within {seconds:.0f} s; its last status: {job.status()}")
+        time.sleep(0.05)
+    return job.result()
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +118,8 @@ def browser_model_dir(text_model_dir):
 
 @pytest.fixture(scope="module")
 def text_server(app, browser_model_dir):
-    """The app launched by its own `main` on 127.0.0.1 (a free port), in this process; closed afterwards."""
-    blocks = app.main(["--model", str(browser_model_dir), "--host", "127.0.0.1", "--port", str(free_port())], True)
+    """The app launched by its own `main` on 127.0.0.1 (port 0), in this process; closed afterwards."""
+    blocks = serve(app, browser_model_dir)
     try:
         yield blocks.local_url
     finally:
@@ -254,14 +278,14 @@ def test_gradio_client(text_server):
     client = Client(text_server, verbose=False)
     assert "/generate" in str(client.view_api(print_info=False, return_format="str"))
     job = client.submit("a small green square in the centre", 4, 1.5, 5, 1.0, 3.0, True, 2, api_name="/generate")
-    gallery, gif_path, slider, frame, stats = job.result(timeout=60)
+    gallery, gif_path, slider, frame, stats = job_result(job)
     assert len(gallery) == 2 and all(Path(item["image"]).is_file() for item in gallery)
     assert Path(gif_path).suffix == ".gif" and slider_value(slider) == 4 and "GFLOPs" in stats and "held-out" in stats
     with PIL.Image.open(gallery[0]["image"]) as image:
         assert image.format == "PNG" and image.size == (256, 256)
     job = client.submit("", 4, 1.5, 5, 1.0, 3.0, True, 2, api_name="/generate")
     with pytest.raises(Exception, match="Please enter a prompt"):
-        job.result(timeout=60)
+        job_result(job)
     seed = client.predict(api_name="/random_seed")
     assert isinstance(seed, (int, float)) and 0 <= seed <= 2**32 - 1
 
@@ -269,16 +293,16 @@ def test_gradio_client(text_server):
 def test_gradio_client_class_conditional(app, class_model_dir):
     from gradio_client import Client
 
-    blocks = app.main(["--model", str(class_model_dir), "--host", "127.0.0.1", "--port", str(free_port())], True)
+    blocks = serve(app, class_model_dir)
     try:
         client = Client(blocks.local_url, verbose=False)
-        gallery, gif_path, slider, frame, stats = client.submit(
-            "7", 3, 0.0, 1, 1.0, 1.0, False, 1, api_name="/generate"
-        ).result(timeout=60)
+        gallery, gif_path, slider, frame, stats = job_result(
+            client.submit("7", 3, 0.0, 1, 1.0, 1.0, False, 1, api_name="/generate")
+        )
         assert len(gallery) == 1 and gallery[0]["caption"] == "seed 1" and slider_value(slider) == 3
         assert "of *class 7 (7)*" in stats and "feature reuse off ✓ used" in stats
         with pytest.raises(Exception, match="not in the list of choices"):  # the picker accepts its choices only
-            client.submit("11", 3, 0.0, 1, 1.0, 1.0, False, 1, api_name="/generate").result(timeout=60)
+            job_result(client.submit("11", 3, 0.0, 1, 1.0, 1.0, False, 1, api_name="/generate"))
     finally:
         blocks.close()
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -210,7 +211,8 @@ def test_coco_layout_uses_every_caption(base, tmp_path):
         text_to_image=True,
     )  # fmt: skip
     assert len(data.files) == len(scenes()) and all(len(captions) == 2 for captions in data.captions)
-    assert data.captions[0] == ["a red square at the top left", "red block, top left"]
+    captions = dict(zip(data.files, data.captions))
+    assert captions["red_top_left_0.png"] == ["a red square at the top left", "red block, top left"]
 
     output_dir = tmp_path / "out"
     text_run(base, image_dir, output_dir, "--coco_annotations_file", annotations)
@@ -293,13 +295,22 @@ def test_two_processes_end_with_the_same_weights_and_one_output(base, class_data
         "--train_data_dir", str(class_data), "--output_dir", str(output_dir), *FAST,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # CPU processes, gloo
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = launcher.communicate(timeout=300)
-    finally:  # the launcher and both workers, also after a timeout
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as stderr_file:
+        launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True, env=env,
+                                    start_new_session=True)  # fmt: skip
+        try:  # polled up to a generous deadline; a run past it fails with the end of its log
+            deadline = time.monotonic() + 1800
+            while launcher.poll() is None:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"accelerate launch still running after 1800 s; its log ends:\n{log.read_text()[-3000:]}"
+                    )
+                time.sleep(0.5)
+        finally:  # the launcher and both workers, also after a timeout
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+    stderr = log.read_text()
     assert launcher.returncode == 0, stderr[-3000:]
     checksums = {line.split("Process ")[1][0]: line.rsplit(" ", 1)[1] for line in stderr.splitlines()
                  if "parameter checksum" in line}  # fmt: skip
