@@ -8,7 +8,8 @@ The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
 - one mask ratio per batch from Beta(12, 3) (`MaskedTokenScheduler.add_noise`; `--beta_alpha_beta` changes it),
   cross-entropy on the masked positions only with label smoothing 0.1, condition dropout p = 0.15 (null class /
   empty prompt) for guidance;
-- AdamW (lr 4e-4, weight decay 0.03, betas (0.99, 0.99)) with a linear warm-up, an EMA of the weights;
+- AdamW (lr 4e-4, weight decay 0.03, betas (0.99, 0.99)) with a linear warm-up, an EMA of the weights (diffusers'
+  `EMAModel`, decay `--ema_decay` per step; `--no_use_ema` trains without);
 - editing masks (this package's addition, off by default): with `--region_mask_prob P` a batch is masked as
   inpainting masks it, the ratio applied inside a random half or quarter of each grid with the rest visible; it
   raised inpainting ShapesEval of the Shapes model from 31.0 to 37.3 % in a 250-step fine-tune (README, Editing);
@@ -16,7 +17,11 @@ The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
   fraction of its visible tokens masked as well, and the training forward takes that output's `reuse_state`, so the
   model learns to use the previous step's features as sampling will feed them.
 
-Data layouts (`--train_data_dir`):
+`--use_lora` fine-tunes a LoRA (peft) of `--rank` on the attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`) of
+a pretrained transformer instead of all its weights; the output folder then holds the adapter,
+`pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(output_dir)` loads into the pretrained pipeline.
+
+Data layouts (`--train_data_dir`, read with 🤗 datasets' `imagefolder`):
 
 - class-conditional: one sub-folder of images per class (torchvision `ImageFolder`; classes in sorted order);
 - text-to-image, Hugging Face `imagefolder`: `metadata.jsonl` lines `{"file_name": ..., "text": ...}`;
@@ -24,7 +29,8 @@ Data layouts (`--train_data_dir`):
   An image with several captions is one sample whose caption is drawn at random each time, so every caption is used.
 
 The output folder ends as a complete pipeline (`ENATPipeline.from_pretrained(output_dir)`, EMA weights), next to
-`checkpoint-*/`, `train_log.csv`, `loss_curve.png`, `validation/` grids and the TensorBoard logs.
+`checkpoint-*/`, `train_log.csv`, `loss_curve.png`, `validation/` grids and the TensorBoard logs. It must be new (or
+empty) unless the run continues from one of its checkpoints, and it may not hold the inputs.
 
 A new text-to-image model on the Shapes data set, from a trained VQ model and text encoder:
 
@@ -43,32 +49,22 @@ import csv
 import hashlib
 import inspect
 import json
-import logging
 import math
-import os
-import re
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    gather_object,
-    set_seed,
-)
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
 from diffusers import VQModel
-from diffusers.optimization import SchedulerType, get_scheduler
-from huggingface_hub import file_exists
-from PIL import Image, ImageOps
+from diffusers.training_utils import EMAModel, _collate_lora_metadata
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -76,15 +72,44 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from enat_diffusers import ENATPipeline, ENATReuseState, ENATTransformer2DModel, MaskedTokenScheduler
 from enat_diffusers.schedulers.scheduling_masked_token import lowest_scores_mask
+from enat_diffusers.utils.cli import (
+    UsageError,
+    check_config_types,
+    check_output_dir,
+    error_line,
+    run_cli,
+    write_file_atomically,
+)
+from enat_diffusers.utils.training import (
+    METADATA_FILE,
+    EMAState,
+    TrainingData,
+    TrainingOutput,
+    add_common_arguments,
+    check_positive,
+    checkpoint_step,
+    examples,
+    find_resume_checkpoint,
+    list_images,
+    load_image,
+    make_accelerator,
+    make_optimizer,
+    read_class_folders,
+    read_coco_captions,
+    read_imagefolder_captions,
+    register_training_state,
+    resume_position,
+    save_checkpoint,
+    tracker_config,
+    vq_token_ids,
+)
 from enat_diffusers.visualization import captioned_grid
 
 
 logger = get_logger(__name__, log_level="INFO")
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # the paper's MS-COCO text encoder
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-METADATA_FILE = "metadata.jsonl"
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of ENATAttention
 LOG_FIELDS = ("step", "loss", "learning_rate", "mask_ratio", "reuse_fraction", "tokens_per_second", "seconds")
 
 
@@ -204,62 +229,38 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--reuse_prob", type=float, default=0.5, help="Probability that a batch is trained with a reuse state."
     )
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument(
+        "--use_ema",
+        action="store_true",
+        default=None,
+        help="Keep an EMA of the weights (diffusers' EMAModel) and save it as the pipeline; the default, except "
+        "with --use_lora.",
+    )
+    ema.add_argument("--no_use_ema", dest="use_ema", action="store_false", help="Train and save without an EMA.")
     parser.add_argument(
         "--ema_decay",
         type=float,
         default=0.9999,
-        help="EMA decay per optimiser step (ENAT: 0.9999 over 500k steps); use e.g. 0.999 for a few thousand steps.",
+        help="EMA decay per optimiser step, constant (ENAT: 0.9999 over 500k steps); use e.g. 0.999 for a few "
+        "thousand steps. The first step's update copies the weights.",
     )
-    # optimisation
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size per device.")
-    parser.add_argument("--max_train_steps", type=int, required=True, help="Number of optimiser steps.")
     parser.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimiser step."
+        "--use_lora",
+        action="store_true",
+        help="Fine-tune a LoRA adapter (peft) of the pretrained transformer's attention projections (to_q, to_k, "
+        "to_v, to_out.0) instead of all its weights; saved as OUTPUT_DIR/pytorch_lora_weights.safetensors.",
+    )
+    parser.add_argument("--rank", type=int, default=4, help="--use_lora: the rank of the LoRA matrices.")
+    parser.add_argument(
+        "--lora_alpha", type=float, default=None, help="--use_lora: the LoRA scale numerator (default: --rank)."
     )
     parser.add_argument(
         "--gradient_checkpointing",
         action="store_true",
         help="Recompute block activations in the backward pass: less memory, slower.",
     )
-    parser.add_argument("--learning_rate", type=float, default=4e-4, help="Peak learning rate.")
-    parser.add_argument(
-        "--lr_scheduler",
-        type=str,
-        default="constant_with_warmup",
-        choices=[s.value for s in SchedulerType],
-        help="Learning rate schedule (ENAT: linear warm-up, then constant).",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=5000, help="Linear warm-up steps (ENAT: 5000).")
-    parser.add_argument("--adam_beta1", type=float, default=0.99, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=0.03, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=None, help="Clip gradients to this norm (ENAT: none).")
-    parser.add_argument(
-        "--mixed_precision",
-        type=str,
-        default=None,
-        choices=["no", "fp16", "bf16"],
-        help="Autocast precision; defaults to the accelerate config. Weights, EMA and optimiser stay float32.",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the initialisation, data order and masking.")
-    # output, logging, checkpoints, validation
-    parser.add_argument("--output_dir", type=str, required=True, help="Where everything is written.")
-    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder inside --output_dir.")
-    parser.add_argument(
-        "--report_to", type=str, default="tensorboard", help='Tracker for accelerate ("tensorboard", ..., "none").'
-    )
     parser.add_argument("--logging_steps", type=int, default=10, help="Steps averaged per log line and CSV row.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N steps.")
-    parser.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
-    )
-    parser.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help='A checkpoint folder, or "latest" for the newest `checkpoint-*` in --output_dir.',
-    )
     parser.add_argument(
         "--validation_prompts",
         type=str,
@@ -274,6 +275,21 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--validation_guidance_scale", type=float, default=None, help="Guidance scale (default: the scheduler's)."
+    )
+    add_common_arguments(
+        parser,
+        required=("max_train_steps", "output_dir"),
+        train_batch_size=64,
+        learning_rate=4e-4,
+        lr_scheduler="constant_with_warmup",  # ENAT's: a linear warm-up, then constant
+        lr_warmup_steps=5000,
+        adam_beta1=0.99,
+        adam_beta2=0.99,
+        adam_weight_decay=0.03,
+        adam_epsilon=1e-8,
+        max_grad_norm=None,  # ENAT: no clipping
+        mixed_precision=None,
+        checkpointing_steps=500,
     )
 
     args = parser.parse_args(input_args)
@@ -296,136 +312,22 @@ def parse_args(input_args=None):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
     positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "encode_batch_size"]
-    positive += ["logging_steps", "checkpointing_steps", "validation_steps", "num_validation_images"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise ValueError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}.")
+    positive += ["logging_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "rank"]
+    check_positive(args, positive)
+    if args.use_lora:
+        if args.transformer_config is not None or args.pretrained_model_name_or_path is None:
+            raise ValueError("--use_lora fine-tunes a pretrained transformer: pass --pretrained_model_name_or_path "
+                             "(and no --transformer_config).")  # fmt: skip
+        if args.use_ema:
+            raise ValueError("--use_lora trains without an EMA: drop --use_ema.")
+    if args.use_ema is None:
+        args.use_ema = not args.use_lora
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class TrainingData:
-    """The training images (paths relative to `root`, posix style) and their class ids or captions."""
-
-    root: Path
-    layout: str
-    files: List[str]
-    labels: Optional[List[int]] = None
-    class_names: Optional[List[str]] = None
-    captions: Optional[List[List[str]]] = None
-
-    def subset(self, keep: List[int]) -> "TrainingData":
-        return TrainingData(
-            root=self.root,
-            layout=self.layout,
-            files=[self.files[i] for i in keep],
-            labels=None if self.labels is None else [self.labels[i] for i in keep],
-            class_names=self.class_names,
-            captions=None if self.captions is None else [self.captions[i] for i in keep],
-        )
-
-
-def find_images(root: Path) -> List[str]:
-    """Image files under `root` (recursive, following links), as sorted posix paths relative to `root`."""
-    found = []
-    for folder, _, names in os.walk(root, followlinks=True):
-        for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append((Path(folder) / name).relative_to(root).as_posix())
-    return sorted(found)
-
-
-def _examples(items, limit=5) -> str:
-    items = list(items)
-    shown = ", ".join(str(item) for item in items[:limit])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
-def _check_caption(text, where: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where} has no caption (a non-empty string); every image needs one.")
-    return text
-
-
-def read_class_folders(root: Path) -> TrainingData:
-    """torchvision `ImageFolder` layout: `root/<class name>/**/<image>`; class ids follow the sorted names."""
-    class_names = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
-    if not class_names:
-        raise ValueError(
-            f"{root} has images but no class sub-folders: a class-conditional model needs one folder of images per "
-            "class (a text-to-image model's transformer config has `text_embed_dim` instead of `num_classes`)."
-        )
-    files, labels, empty = [], [], []
-    for label, name in enumerate(class_names):
-        found = find_images(root / name)
-        empty += [] if found else [name]
-        files += [f"{name}/{file}" for file in found]
-        labels += [label] * len(found)
-    if empty:
-        raise ValueError(f"These class folders of {root} hold no images: {_examples(empty)}.")
-    return TrainingData(root, "class folders", files, labels=labels, class_names=class_names)
-
-
-def read_imagefolder_captions(root: Path, caption_column: str) -> TrainingData:
-    """Hugging Face `imagefolder` layout: `root/metadata.jsonl` lines `{"file_name": ..., caption_column: ...}`."""
-    metadata = root / METADATA_FILE
-    captions = {}
-    with open(metadata, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{metadata} line {number} is not JSON: {error}") from None
-            file_name = record.get("file_name") if isinstance(record, dict) else None
-            if not isinstance(file_name, str):
-                raise ValueError(f"{metadata} line {number} has no `file_name`.")
-            where = f"{metadata} line {number} ({file_name!r}, column {caption_column!r})"
-            text = _check_caption(record.get(caption_column), where)
-            captions.setdefault(Path(file_name).as_posix(), []).append(text)
-    on_disk = set(find_images(root))
-    missing = [file for file in captions if file not in on_disk]
-    if missing:
-        raise ValueError(f"{metadata} names {len(missing)} images that are not in {root}: {_examples(missing)}.")
-    uncaptioned = sorted(on_disk.difference(captions))
-    if uncaptioned:
-        raise ValueError(
-            f"{len(uncaptioned)} images in {root} have no caption in {METADATA_FILE}: {_examples(uncaptioned)}."
-        )
-    return TrainingData(root, METADATA_FILE, list(captions), captions=list(captions.values()))
-
-
-def read_coco_captions(root: Path, annotations_file: Path) -> TrainingData:
-    """MS-COCO captions: `images` (id, file_name in `root`), `annotations` (image_id, caption); all captions kept."""
-    with open(annotations_file, encoding="utf-8") as file:
-        data = json.load(file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or "annotations" not in data:
-        raise ValueError(f"{annotations_file} is not an MS-COCO captions file (no `images` and `annotations` lists).")
-    files = {image["id"]: Path(image["file_name"]).as_posix() for image in data["images"]}
-    captions = {image_id: [] for image_id in files}
-    for annotation in data["annotations"]:
-        if annotation.get("image_id") not in captions:
-            raise ValueError(
-                f"{annotations_file}: annotation {annotation.get('id')} refers to image id "
-                f"{annotation.get('image_id')}, which is not in `images`."
-            )
-        where = f"{annotations_file}: annotation {annotation.get('id')}"
-        captions[annotation["image_id"]].append(_check_caption(annotation.get("caption"), where))
-    missing = [file for file in files.values() if not (root / file).is_file()]
-    if missing:
-        raise ValueError(
-            f"{annotations_file} names {len(missing)} images that are not in {root}: {_examples(missing)}."
-        )
-    uncaptioned = [files[image_id] for image_id, texts in captions.items() if not texts]
-    if uncaptioned:
-        raise ValueError(f"{len(uncaptioned)} images of {annotations_file} have no caption: {_examples(uncaptioned)}.")
-    return TrainingData(root, "MS-COCO captions", list(files.values()), captions=list(captions.values()))
 
 
 def assign_class_ids(data: TrainingData, id2label: Optional[dict], num_classes: int) -> dict:
@@ -447,17 +349,15 @@ def assign_class_ids(data: TrainingData, id2label: Optional[dict], num_classes: 
         renamed = [f"{label} {pretrained.get(label)!r} -> {name!r}" for label, name in enumerate(data.class_names)]
         logger.warning(
             "The class folders are not named after classes of the pretrained model: folder i (in sorted order) "
-            f"trains class i, renamed: {_examples(renamed)}."
+            f"trains class i, renamed: {examples(renamed)}."
         )
     return {**pretrained, **dict(enumerate(data.class_names))}
 
 
 def read_training_data(args, text_to_image: bool) -> TrainingData:
     root = Path(args.train_data_dir)
-    if not find_images(root):
-        raise ValueError(
-            f"No images in --train_data_dir {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})."
-        )
+    if not list_images(root):
+        raise ValueError(f"No images in --train_data_dir {root} (searched recursively).")
     if args.coco_annotations_file is not None:
         if not text_to_image:
             raise ValueError("--coco_annotations_file gives captions, but the transformer is class-conditional.")
@@ -475,21 +375,6 @@ def read_training_data(args, text_to_image: bool) -> TrainingData:
 # ------------------------------------------------------------------------------------------------- tokenisation
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """RGB in [0, 1], shape (3, resolution, resolution): short side resized to `resolution`, centre crop (ADM's)."""
-    with Image.open(path) as file:
-        image = ImageOps.exif_transpose(file).convert("RGB")
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    size = tuple(max(resolution, round(side * scale)) for side in image.size)
-    if size != image.size:
-        image = image.resize(size, resample=Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
 class ImageFiles(Dataset):
     """`(index, image tensor)`, or `(index, error message)` for a file that cannot be read as an image."""
 
@@ -505,13 +390,6 @@ class ImageFiles(Dataset):
             return index, load_image(self.root / self.files[index], self.resolution)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             return index, f"{type(error).__name__}: {error}"
-
-
-def vq_token_ids(vqvae: VQModel, pixels: torch.Tensor) -> torch.LongTensor:
-    """(B, 3, H, W) images in [0, 1] -> (B, h * w) codebook ids in raster order."""
-    latents = vqvae.encode(pixels).latents
-    _, _, (_, _, indices) = vqvae.quantize(latents)
-    return indices.reshape(pixels.shape[0], -1)
 
 
 @torch.no_grad()
@@ -566,20 +444,49 @@ def token_cache_key(data: TrainingData, vqvae: VQModel, resolution: int, flip: b
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def read_token_cache(tokens_path: Path, meta_path: Path, key: str, data: TrainingData, shape, codebook_size: int):
+    """The cached token ids `(n, views, L)` and their description when the cache is there, made from the same inputs
+    (`key`) and intact; None otherwise. A damaged cache (cut short, changed, ids out of range) gets a warning."""
+    if not (tokens_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key:
+            return None  # made from other images or another VQ model
+        if "sha256" in meta and hashlib.sha256(tokens_path.read_bytes()).hexdigest() != meta["sha256"]:
+            raise ValueError(f"{tokens_path.name} changed after it was written (SHA-256)")
+        tokens = np.load(tokens_path, allow_pickle=False)
+        expected = (len(meta["files"]), *shape)
+        if tokens.dtype != np.uint16 or tokens.shape != expected:
+            raise ValueError(f"ids of shape {tokens.shape} ({tokens.dtype}), expected {expected} (uint16)")
+        if tokens.size and int(tokens.max()) >= codebook_size:
+            raise ValueError(f"id {int(tokens.max())} is outside the codebook of {codebook_size} codes")
+        unknown = set(meta["files"]).difference(data.files)
+        if unknown:
+            raise ValueError(f"it names images that are not in the data: {examples(sorted(unknown))}")
+        if not isinstance(meta["skipped"], list):
+            raise ValueError("its list of skipped images is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning(f"The token cache {tokens_path} is damaged ({error}): tokenising the images again.")
+        return None
+    return tokens, meta
+
+
 def load_or_extract_tokens(accelerator, data: TrainingData, vqvae, resolution, flip, cache_dir: Path, args):
     """
     Token ids of every readable image, `(N, views, L)` int32 on the CPU, and the data restricted to those images.
 
-    The ids are cached as `tokens-<key>.npy` (uint16) with a `.json` description in `cache_dir`; a later run with the
-    same images, VQ model, resolution and flips reads them back. Extraction is shared by all processes (each encodes a
-    contiguous shard); the main process writes the cache.
+    The ids are cached as `tokens-<key>.npy` (uint16) with a `.json` description (and the file's SHA-256) in
+    `cache_dir`; a later run with the same images, VQ model, resolution and flips reads them back, after checking
+    them (`read_token_cache`). Extraction is shared by all processes (each encodes a contiguous shard); the main
+    process writes the cache.
     """
     key = token_cache_key(data, vqvae, resolution, flip)
     tokens_path, meta_path = cache_dir / f"tokens-{key[:16]}.npy", cache_dir / f"tokens-{key[:16]}.json"
-    hit = tokens_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key
-    if all(gather_object([hit])):
-        meta = json.loads(meta_path.read_text())
-        tokens = np.load(tokens_path)
+    shape = (2 if flip else 1, vqvae_grid(vqvae, resolution) ** 2)
+    cached = read_token_cache(tokens_path, meta_path, key, data, shape, vqvae.config.num_vq_embeddings)
+    if all(gather_object([cached is not None])):
+        tokens, meta = cached
         logger.info(f"Read the token ids of {len(tokens)} images from {tokens_path}.")
     else:
         num_images, rank, world = len(data.files), accelerator.process_index, accelerator.num_processes
@@ -591,24 +498,23 @@ def load_or_extract_tokens(accelerator, data: TrainingData, vqvae, resolution, f
         skipped = [file for _, _, shard_skipped in shards for file in shard_skipped]
         meta = {"key": key, "files": [data.files[index] for index in kept], "skipped": skipped, "flip": flip}
         if accelerator.is_main_process:
-            write_atomically(tokens_path, lambda path: np.save(path, tokens))
-            write_atomically(meta_path, lambda path: path.write_text(json.dumps(meta)))
+
+            def write_tokens(path):
+                with open(path, "wb") as file:
+                    np.save(file, tokens)
+                meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+            write_file_atomically(tokens_path, write_tokens)
+            write_file_atomically(meta_path, lambda path: path.write_text(json.dumps(meta)))
             logger.info(f"Cached the token ids of {len(tokens)} images in {tokens_path}.")
         accelerator.wait_for_everyone()
     if meta["skipped"]:
-        logger.warning(f"{len(meta['skipped'])} unreadable images were skipped: {_examples(meta['skipped'])}.")
+        logger.warning(f"{len(meta['skipped'])} unreadable images were skipped: {examples(meta['skipped'])}.")
     if len(tokens) == 0:
         raise ValueError(f"None of the {len(data.files)} images in {data.root} could be read.")
     position = {file: index for index, file in enumerate(data.files)}
     data = data.subset([position[file] for file in meta["files"]])
     return torch.from_numpy(tokens.astype(np.int32)), data
-
-
-def write_atomically(path: Path, write):
-    """`write(temporary_path)`, then rename onto `path`: an interrupted run never leaves a partial file."""
-    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def vqvae_downsampling(vqvae: VQModel) -> int:
@@ -622,39 +528,38 @@ def vqvae_grid(vqvae: VQModel, resolution: int) -> int:
 # ------------------------------------------------------------------------------------------------------- models
 
 
-def _has_file(path: str, file_name: str, revision: Optional[str]) -> bool:
-    """Whether the local folder or Hub repo `path` holds `file_name`."""
-    if Path(path).is_dir():
-        return (Path(path) / file_name).is_file()
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise ValueError(f"{path} is not a folder (nor a Hub repo id, which has the form `owner/name`).")
-    return file_exists(path, file_name, revision=revision)
-
-
-def _subfolder(path: str, name: str, revision: Optional[str]) -> Optional[str]:
-    """`name` if `path` has a `name/` component (a config file in it), else None (the model is at the root)."""
-    configs = ("config.json", "scheduler_config.json")
-    return name if any(_has_file(path, f"{name}/{config}", revision) for config in configs) else None
-
-
-def has_component(path: Optional[str], name: str, revision: Optional[str]) -> bool:
-    return path is not None and _subfolder(path, name, revision) is not None
+def load_component(load, path: str, name: str, revision: Optional[str]):
+    """`load(path, subfolder=name)` from a pipeline folder or repo with a `name/` component, else `load(path)`: the
+    component itself."""
+    try:
+        return load(path, subfolder=name, revision=revision)
+    except OSError:  # no `name/` there (diffusers and transformers raise EnvironmentError)
+        return load(path, revision=revision)
 
 
 def load_text_encoder(path: str, revision: Optional[str]):
     """A CLIP text encoder and tokenizer from a repo or folder holding both, or its text_encoder/tokenizer folders."""
-    subfolder = _subfolder(path, "text_encoder", revision)
-    kwargs = dict(revision=revision) if subfolder is None else dict(subfolder=subfolder, revision=revision)
-    architectures = CLIPTextConfig.from_pretrained(path, **kwargs).architectures or []
-    model_class = CLIPTextModelWithProjection if "CLIPTextModelWithProjection" in architectures else CLIPTextModel
-    text_encoder = model_class.from_pretrained(path, dtype=torch.float32, **kwargs)
-    tokenizer_kwargs = dict(revision=revision) if subfolder is None else dict(subfolder="tokenizer", revision=revision)
-    return text_encoder, CLIPTokenizer.from_pretrained(path, **tokenizer_kwargs)
+    config = load_component(CLIPTextConfig.from_pretrained, path, "text_encoder", revision)
+    model_class = CLIPTextModelWithProjection
+    if "CLIPTextModelWithProjection" not in (config.architectures or []):
+        model_class = CLIPTextModel
+
+    def load_model(path, **kwargs):
+        return model_class.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+    text_encoder = load_component(load_model, path, "text_encoder", revision)
+    return text_encoder, load_component(CLIPTokenizer.from_pretrained, path, "tokenizer", revision)
 
 
 def read_transformer_config(path: str) -> dict:
-    with open(path, encoding="utf-8") as file:
-        config = json.load(file)
+    """The config of a new transformer, checked: JSON, known keys, values of the right types."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise UsageError(f"--transformer_config {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--transformer_config {path} is not a JSON object of ENATTransformer2DModel arguments.")
+    check_config_types(config, ENATTransformer2DModel, f"--transformer_config {path}")
     accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
     unknown = sorted(key for key in config if not key.startswith("_") and key not in accepted)
     if unknown:
@@ -686,21 +591,25 @@ def load_models(args):
             table = transformer.embed.position_embeddings.weight
             with torch.no_grad():
                 table.copy_(sincos_grid(transformer.config.sample_size, table.shape[1]))
-    elif has_component(pretrained, "transformer", revision):
-        transformer = ENATTransformer2DModel.from_pretrained(
-            pretrained, subfolder="transformer", revision=revision, dtype=torch.float32
-        )
+    else:
+        try:
+            transformer = ENATTransformer2DModel.from_pretrained(
+                pretrained, subfolder="transformer", revision=revision, dtype=torch.float32
+            )
+        except OSError as error:
+            raise UsageError(
+                f"{pretrained} has no transformer/ to fine-tune ({error_line(error)}): pass --transformer_config for "
+                "a new model."
+            ) from None
         logger.info(f"Fine-tuning the transformer of {pretrained}.")
-    else:
-        raise ValueError(f"{pretrained} has no transformer/ to fine-tune: pass --transformer_config for a new model.")
 
-    vqvae_path = args.vqvae_name_or_path or pretrained
-    subfolder = _subfolder(vqvae_path, "vqvae", revision)
-    vqvae = VQModel.from_pretrained(vqvae_path, subfolder=subfolder, revision=revision, dtype=torch.float32)
+    def load_vqvae(path, **kwargs):
+        return VQModel.from_pretrained(path, dtype=torch.float32, **kwargs)
 
-    if has_component(pretrained, "scheduler", revision):
+    vqvae = load_component(load_vqvae, args.vqvae_name_or_path or pretrained, "vqvae", revision)
+    try:
         scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
-    else:
+    except (OSError, TypeError, ValueError):  # no pretrained pipeline, or one without a scheduler
         scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
     if args.beta_alpha_beta is not None:
         alpha, beta = args.beta_alpha_beta
@@ -709,17 +618,22 @@ def load_models(args):
     text_encoder = tokenizer = None
     if transformer.config.text_embed_dim is not None:
         text_path = args.text_encoder_name_or_path
-        if text_path is None:
-            text_path = pretrained if has_component(pretrained, "text_encoder", revision) else DEFAULT_TEXT_ENCODER
-        text_encoder, tokenizer = load_text_encoder(text_path, revision)
+        if text_path is None and pretrained is not None:
+            try:
+                text_encoder, tokenizer = load_text_encoder(pretrained, revision)
+            except OSError:  # the pretrained pipeline has no text encoder
+                text_path = DEFAULT_TEXT_ENCODER
+        elif text_path is None:
+            text_path = DEFAULT_TEXT_ENCODER
+        if text_path is not None:
+            text_encoder, tokenizer = load_text_encoder(text_path, revision)
 
     id2label = None
-    if (
-        pretrained is not None
-        and args.transformer_config is None
-        and _has_file(pretrained, "model_index.json", revision)
-    ):
-        id2label = ENATPipeline.load_config(pretrained, revision=revision).get("id2label")
+    if pretrained is not None and args.transformer_config is None:
+        try:
+            id2label = ENATPipeline.load_config(pretrained, revision=revision).get("id2label")
+        except OSError:  # a folder of components, not a pipeline
+            pass
     return transformer, scheduler, vqvae, text_encoder, tokenizer, id2label
 
 
@@ -782,10 +696,24 @@ class ReuseTrainingWrapper(nn.Module):
         return self.transformer(input_ids, reuse_state=reuse_state, return_dict=False, **condition)[0]
 
 
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float):
-    for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
-        ema_parameter.lerp_(parameter.detach(), 1.0 - decay)
+def save_lora(folder, transformer: ENATTransformer2DModel):
+    """`folder/pytorch_lora_weights.safetensors`: the adapter's weights and its config (rank, alpha, targets), as
+    diffusers' LoRA scripts save them; `ENATPipeline.load_lora_weights(folder)` loads it."""
+    ENATPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        **_collate_lora_metadata({"transformer": transformer}),
+    )
+
+
+def load_lora_state_dict(transformer: ENATTransformer2DModel, folder):
+    """Loads the adapter weights a checkpoint holds (`pytorch_lora_weights.safetensors`) into `transformer`'s."""
+    state = ENATPipeline.lora_state_dict(folder)
+    state = {key.removeprefix("transformer."): value for key, value in state.items() if key.startswith("transformer.")}
+    result = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise UsageError(f"{folder}: the LoRA weights do not fit this adapter (unexpected: {examples(unexpected)})")
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -897,6 +825,8 @@ class TrainingRNG:
 
     def load_state_dict(self, state):
         states = state["generator_states"]
+        if not isinstance(states, list) or not all(isinstance(s, torch.Tensor) for s in states):
+            raise TypeError("generator_states must be a list of generator states (uint8 tensors)")
         if len(states) == self.num_processes:
             self.generator.set_state(states[self.process_index])
         else:
@@ -907,27 +837,6 @@ class TrainingRNG:
 
 
 # -------------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dirs(output_dir: Path) -> List[Path]:
-    """`checkpoint-<step>` folders, oldest first."""
-    found = [path for path in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.fullmatch(path.name)]
-    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.fullmatch(path.name).group(1)))
-
-
-def find_resume_checkpoint(args, output_dir: Path) -> Optional[Path]:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir) if output_dir.is_dir() else []
-        if not found:
-            logger.info(f"No checkpoint in {output_dir}: starting a new run.")
-        return found[-1] if found else None
-    path = Path(args.resume_from_checkpoint)
-    path = path if path.is_dir() else output_dir / path
-    if not path.is_dir() or not CHECKPOINT_PATTERN.fullmatch(path.name):
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint-<step> folder.")
-    return path
 
 
 def check_resume_config(checkpoint: Path, transformer: ENATTransformer2DModel):
@@ -948,20 +857,6 @@ def check_resume_config(checkpoint: Path, transformer: ENATTransformer2DModel):
         raise ValueError(
             f"{checkpoint} was saved for another transformer configuration ({'; '.join(differences)}). Resume with "
             "the configuration it was trained with, or train into a new --output_dir."
-        )
-
-
-def check_output_dir(output_dir: Path, token_cache_dir: Path, resuming: bool):
-    """A new run needs an empty (or absent) output folder; the token cache inside it may already exist."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} exists and is not a folder.")
-    if resuming or not output_dir.exists():
-        return
-    entries = sorted(entry.name for entry in output_dir.iterdir() if entry.resolve() != token_cache_dir.resolve())
-    if entries:
-        raise ValueError(
-            f"--output_dir {output_dir} is not empty ({_examples(entries, 3)}). Use a new folder, or continue the run "
-            "that is there with --resume_from_checkpoint latest."
         )
 
 
@@ -1061,26 +956,38 @@ def warn_if_slow_bf16(accelerator):
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def main(args):
+def main(args) -> Optional[ENATPipeline]:
+    """Trains; returns the final pipeline (EMA weights, or the trained ones) on the main process, None elsewhere."""
     output_dir = Path(args.output_dir)
     token_cache_dir = Path(args.token_cache_dir) if args.token_cache_dir else output_dir / "token_cache"
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=output_dir / args.logging_dir),
+    accelerator = make_accelerator(
+        args,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # the reuse branch (prev_proj) and the text projection are not used by every batch
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     warn_if_slow_bf16(accelerator)
     set_seed(args.seed)  # the initialisation of a new model; training randomness comes from TrainingRNG
 
     # 1. Components, data and output folder: every check runs before anything is written.
-    resume_checkpoint = find_resume_checkpoint(args, output_dir)
-    check_output_dir(output_dir, token_cache_dir, resuming=resume_checkpoint is not None)
+    resume_checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    inputs = [args.train_data_dir, args.coco_annotations_file, args.transformer_config]
+    inputs += [args.pretrained_model_name_or_path, args.vqvae_name_or_path, args.text_encoder_name_or_path]
+    output = TrainingOutput(
+        output_dir, inputs, resuming=resume_checkpoint is not None, writes_pipeline=True, ignore=[token_cache_dir]
+    )
+    try:
+        return train(args, accelerator, output, resume_checkpoint, token_cache_dir, inputs)
+    finally:
+        output.release()
+
+
+def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_cache_dir: Path, inputs):
+    output_dir = output.path
+    output.check()
+    if args.token_cache_dir:
+        check_output_dir(token_cache_dir, inputs, "--token_cache_dir", allow_model_folder=False)
     transformer, scheduler, vqvae, text_encoder, tokenizer, id2label = load_models(args)
     resolution = check_compatibility(transformer, scheduler, vqvae, text_encoder, args.resolution)
     if resume_checkpoint is not None:
@@ -1094,16 +1001,33 @@ def main(args):
     vqvae.requires_grad_(False).eval().to(accelerator.device)
     if text_encoder is not None:
         text_encoder.requires_grad_(False).eval().to(accelerator.device)
-    ema_model = copy.deepcopy(transformer).requires_grad_(False).eval().to(accelerator.device)
-    pipe = ENATPipeline(ema_model, scheduler, vqvae, text_encoder=text_encoder, tokenizer=tokenizer, id2label=id2label)
+    if args.use_lora:
+        # only the adapter trains; peft's LoRA layers of the frozen attention projections (float32, as the model)
+        transformer.requires_grad_(False)
+        transformer.add_adapter(
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=args.lora_alpha,
+                init_lora_weights="gaussian",
+                target_modules=list(LORA_TARGETS),
+            )
+        )
+    transformer.to(accelerator.device)
+    ema, ema_model = None, None
+    if args.use_ema:
+        ema_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+        # diffusers' EMAModel with a constant decay; its shadow parameters are ema_model's own, updated in place
+        ema = EMAModel([], decay=args.ema_decay, min_decay=args.ema_decay)
+        ema.shadow_params = list(ema_model.parameters())
+    result = ema_model if args.use_ema else transformer  # what the pipeline holds: validation, the saved model
+    pipe = ENATPipeline(result, scheduler, vqvae, text_encoder=text_encoder, tokenizer=tokenizer, id2label=id2label)
     pipe.set_progress_bar_config(disable=True)
     if args.validation_prompts:
         validation_requests(pipe, args.validation_prompts)  # fails now on a class name that does not exist
 
-    accelerator.wait_for_everyone()  # every process has checked the output folder
+    output.start(accelerator)  # every process has checked the output folder; the main one holds its lock
     if accelerator.is_main_process:
         token_cache_dir.mkdir(parents=True, exist_ok=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
     # 2. Token ids (cached) and conditions.
@@ -1127,62 +1051,53 @@ def main(args):
         transformer.enable_gradient_checkpointing()
     transformer.train()
     model = ReuseTrainingWrapper(transformer)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer, lr_scheduler = make_optimizer(args, trained, accelerator)
     train_dataloader = DataLoader(range(len(tokens)), batch_size=args.train_batch_size, shuffle=True)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     rng = TrainingRNG(args.seed, accelerator.process_index, accelerator.num_processes)
-    accelerator.register_for_checkpointing(rng)
+    # the generator (and the EMA's step count) go into every checkpoint as JSON and safetensors, never as a pickle
+    register_training_state(accelerator, rng=rng, **({"ema": EMAState(ema)} if ema is not None else {}))
 
-    # checkpoints hold the transformer and its EMA in the diffusers format (with their config.json)
+    # checkpoints hold the transformer and its EMA in the diffusers format (with their config.json), or the adapter
     def save_model_hook(models, weights, checkpoint_dir):
-        transformer.save_pretrained(Path(checkpoint_dir, "transformer"))
-        ema_model.save_pretrained(Path(checkpoint_dir, "transformer_ema"))
+        if args.use_lora:
+            transformer.save_config(Path(checkpoint_dir, "transformer"))
+            save_lora(checkpoint_dir, transformer)
+        else:
+            transformer.save_pretrained(Path(checkpoint_dir, "transformer"))
+        if ema_model is not None:
+            ema_model.save_pretrained(Path(checkpoint_dir, "transformer_ema"))
         weights.clear()
 
     def load_model_hook(models, checkpoint_dir):
         models.pop()
-        for module, subfolder in ((transformer, "transformer"), (ema_model, "transformer_ema")):
-            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder=subfolder)
-            module.load_state_dict(loaded.state_dict())
+        if args.use_lora:
+            load_lora_state_dict(transformer, checkpoint_dir)
+        else:
+            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder="transformer")
+            transformer.load_state_dict(loaded.state_dict())
+        if ema_model is not None:
+            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder="transformer_ema")
+            ema_model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    def save_checkpoint(step: int):
-        """Called by every process; the main one writes `checkpoint-<step>` (after pruning to the limit)."""
-        rng.gather()
-        if accelerator.is_main_process:
-            existing = checkpoint_dirs(output_dir)
-            if args.checkpoints_total_limit is not None:
-                for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-                    logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
-                    shutil.rmtree(old)
-            accelerator.save_state(output_dir / f"checkpoint-{step}")
-        accelerator.wait_for_everyone()
+    def checkpoint(step: int):
+        rng.gather()  # every process's generator state
+        save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
 
     global_step = 0
     if resume_checkpoint is not None:
         logger.info(f"Resuming from {resume_checkpoint}.")
         accelerator.load_state(resume_checkpoint)
-        global_step = int(CHECKPOINT_PATTERN.fullmatch(resume_checkpoint.name).group(1))
+        global_step = checkpoint_step(resume_checkpoint)
     last_checkpoint_step = global_step if resume_checkpoint is not None else None
 
     if accelerator.is_main_process:
-        tracker_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("train_enat", config=tracker_config)
+        accelerator.init_trackers("train_enat", config=tracker_config(args))
         training_log = TrainingLog(output_dir / "train_log.csv", global_step)
 
     # 4. Train.
@@ -1206,13 +1121,13 @@ def main(args):
         return {"loss": torch.zeros((), device=accelerator.device), "mask_ratio": 0.0, "reuse": 0, "batches": 0}
 
     window, window_tokens, window_start, run_start = new_window(), 0, time.perf_counter(), time.perf_counter()
-    first_epoch, skip_batches = divmod(global_step, steps_per_epoch)
+    first_epoch, skip_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
     epoch = first_epoch
     while global_step < args.max_train_steps:
         train_dataloader.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches * args.gradient_accumulation_steps)
+            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
         for image_indices in batches:
             generator = rng.generator
             batch_size = len(image_indices)
@@ -1233,9 +1148,9 @@ def main(args):
 
             with accelerator.accumulate(model):
                 reuse_inputs = {}
-                if reuse:
+                if reuse:  # the previous step's features, from the EMA model as sampling will use it
                     with torch.no_grad(), accelerator.autocast():
-                        _, state = ema_model(previous_ids.to(accelerator.device), **condition, return_dict=False)
+                        _, state = result(previous_ids.to(accelerator.device), **condition, return_dict=False)
                     reuse_inputs = {
                         "reuse_hidden_states": state.hidden_states,
                         "reuse_mask": state.mask,
@@ -1256,7 +1171,8 @@ def main(args):
             window_tokens += batch_size * seq_len
             if not accelerator.sync_gradients:
                 continue
-            update_ema(ema_model, transformer, args.ema_decay)
+            if ema is not None:
+                ema.step(transformer.parameters())
             global_step += 1
             progress_bar.update(1)
 
@@ -1288,7 +1204,7 @@ def main(args):
                 window, window_tokens, window_start = new_window(), 0, time.perf_counter()
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                checkpoint(global_step)
                 last_checkpoint_step = global_step
             if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 log_validation(pipe, args, accelerator, global_step, output_dir)
@@ -1297,12 +1213,17 @@ def main(args):
         epoch += 1
     progress_bar.close()
 
-    # 5. The pipeline folder (EMA weights), a last checkpoint and validation, the loss curve; then a consistency check.
+    # 5. The pipeline folder (EMA weights) or the adapter, a last checkpoint and validation, the loss curve; then a
+    # consistency check.
     if last_checkpoint_step != global_step:
-        save_checkpoint(global_step)
+        checkpoint(global_step)
     if accelerator.is_main_process:
-        pipe.save_pretrained(output_dir)
-        logger.info(f"Saved the pipeline to {output_dir}.")
+        if args.use_lora:
+            output.save(lambda folder: save_lora(folder, transformer))
+            logger.info(f"Saved the LoRA adapter to {output_dir} (pipe.load_lora_weights loads it).")
+        else:
+            output.save(pipe.save_pretrained)
+            logger.info(f"Saved the pipeline to {output_dir}.")
         if args.validation_prompts and global_step % args.validation_steps != 0:
             log_validation(pipe, args, accelerator, global_step, output_dir)
         plot_loss_curve(output_dir / "train_log.csv", output_dir / "loss_curve.png")
@@ -1317,7 +1238,8 @@ def main(args):
     del model, optimizer, lr_scheduler
     accelerator.free_memory()
     accelerator.end_training()
+    return pipe if accelerator.is_main_process else None
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(main, parse_args)

@@ -3,20 +3,24 @@
 import contextlib
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, tiny_text_encoder, tiny_tokenizer
+from conftest import ROOT, call_main, tiny_text_encoder, tiny_tokenizer
 from diffusers import VQModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from enat_diffusers import ENATPipeline, MaskedTokenScheduler
+from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler
+from enat_diffusers.utils.cli import UsageError, run_cli
 
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -140,11 +144,21 @@ def train(*arguments):
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     try:
-        train_enat.main(train_enat.parse_args([str(argument) for argument in arguments]))
+        return train_enat.main(train_enat.parse_args([str(argument) for argument in arguments]))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
         torch.set_num_threads(threads)
+
+
+def train_cli(*arguments) -> (int, str):
+    """The script's command line (errors as one line), in this process: (exit status, stderr with the message)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return call_main(lambda argv: run_cli(train_enat.main, train_enat.parse_args, argv), *arguments)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def class_run(base, data, output_dir, *extra):
@@ -159,6 +173,16 @@ def text_run(base, data, output_dir, *extra):
         "--pretrained_model_name_or_path", base / "components", "--transformer_config", base / "text.json",
         "--train_data_dir", data, "--output_dir", output_dir, *FAST, *extra,
     )  # fmt: skip
+
+
+class MarkerPickle:
+    """A pickle that, when unpickled, creates a file (the code a replaced checkpoint file could run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
 
 
 def transformer_weights(folder):
@@ -258,27 +282,48 @@ def test_class_folders_named_after_pretrained_classes_keep_their_ids(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_resume_continues_exactly(base, class_data, tmp_path):
-    """3 steps, then a resume to 6, ends with the weights and optimiser state of 6 uninterrupted steps."""
-    common = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--train_batch_size", "5"]
-    class_run(base, class_data, tmp_path / "straight", *common)
-    class_run(base, class_data, tmp_path / "resumed", *common[2:], "--max_train_steps", "3")
+def test_resume_continues_exactly(base, class_data, tmp_path, caplog):
+    """6 uninterrupted steps, against 4 steps whose last checkpoint is incomplete (a file missing) and a resume with
+    `latest`: it falls back to checkpoint-3 with a warning and from there reproduces every loss, the weights, the EMA
+    and the optimiser state exactly."""
+    common = ["--checkpointing_steps", "3", "--train_batch_size", "5", "--logging_steps", "1"]
+    class_run(base, class_data, tmp_path / "straight", *common, "--max_train_steps", "6")
+    class_run(base, class_data, tmp_path / "resumed", *common, "--max_train_steps", "4")
+    (tmp_path / "resumed" / "checkpoint-4" / "transformer_ema" / "diffusion_pytorch_model.safetensors").unlink()
     token_cache = next((tmp_path / "resumed" / "token_cache").glob("*.npy"))
     cached_at = token_cache.stat().st_mtime_ns
-    class_run(base, class_data, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+    class_run(base, class_data, tmp_path / "resumed", *common, "--max_train_steps", "6",
+              "--resume_from_checkpoint", "latest")  # fmt: skip
 
+    assert "checkpoint-4 is incomplete (transformer_ema/diffusion_pytorch_model.safetensors is missing)" in caplog.text
     assert token_cache.stat().st_mtime_ns == cached_at  # the images were not tokenised again
+    logs = [(tmp_path / run / "train_log.csv").read_text().splitlines()[1:] for run in ("straight", "resumed")]
+    assert [row.split(",")[:2] for row in logs[0]] == [row.split(",")[:2] for row in logs[1]]  # steps 1-6, losses
     for folder in ("transformer", "transformer_ema"):
         straight = transformer_weights(tmp_path / "straight" / "checkpoint-6" / folder)
         resumed = transformer_weights(tmp_path / "resumed" / "checkpoint-6" / folder)
         assert all(torch.equal(straight[key], resumed[key]) for key in straight)
-    straight = torch.load(tmp_path / "straight" / "checkpoint-6" / "optimizer.bin", weights_only=False)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint-6" / "optimizer.bin", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint-6" / "optimizer.bin", weights_only=True)
     assert straight["state"].keys() == resumed["state"].keys()
     for index, state in straight["state"].items():
         assert all(torch.equal(value, resumed["state"][index][name]) for name, value in state.items())
-    rows = (tmp_path / "resumed" / "train_log.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows] == ["3", "6"]
+    state = json.loads((tmp_path / "resumed" / "checkpoint-6" / "training_state.json").read_text())
+    assert state["objects"]["ema"]["values"]["optimization_step"] == 6  # diffusers' EMAModel, restored
+    assert not list((tmp_path / "straight" / "checkpoint-6").glob("custom_checkpoint_*"))  # nothing pickled
+
+
+def test_a_planted_pickle_never_runs_on_resume(base, class_data, tmp_path):
+    """A checkpoint's `custom_checkpoint_0.pkl` (where the training generator's state used to be pickled) replaced
+    with a pickle that creates a file: resuming refuses that checkpoint, and the code never runs."""
+    class_run(base, class_data, tmp_path / "out", "--max_train_steps", "2")
+    marker = tmp_path / "code-ran"
+    torch.save(
+        {"generator_states": MarkerPickle(marker)}, tmp_path / "out" / "checkpoint-2" / "custom_checkpoint_0.pkl"
+    )
+    with pytest.raises(UsageError, match="custom_checkpoint_0.pkl, which its save did not write"):
+        class_run(base, class_data, tmp_path / "out", "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert not marker.exists()
 
 
 def test_checkpoints_total_limit_keeps_the_newest(base, class_data, tmp_path):
@@ -478,3 +523,80 @@ def test_mask_ratio_distribution_and_sincos_positions_are_used_and_saved(base, c
         train_enat.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", str(class_data),
                                "--output_dir", str(tmp_path / "y"), "--max_train_steps", "1",
                                "--sincos_position_embeddings"])  # fmt: skip
+
+
+def test_a_damaged_token_cache_is_tokenised_again(base, class_data, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    class_run(base, class_data, tmp_path / "first", "--max_train_steps", "1", "--token_cache_dir", cache)
+    tokens = next(cache.glob("*.npy"))
+    tokens.write_bytes(tokens.read_bytes()[:-100])  # an interrupted copy
+    class_run(base, class_data, tmp_path / "second", "--max_train_steps", "1", "--token_cache_dir", cache)
+    assert f"The token cache {tokens} is damaged" in caplog.text
+    assert np.load(tokens).shape == (len(scenes()), 2, 64)  # written again, whole
+
+
+def test_training_without_ema_saves_the_trained_weights(base, class_data, tmp_path):
+    output_dir = tmp_path / "out"
+    class_run(base, class_data, output_dir, "--no_use_ema")
+    saved, trained = (
+        transformer_weights(output_dir / "transformer"),
+        transformer_weights(output_dir / "checkpoint-5" / "transformer"),
+    )
+    assert all(torch.equal(saved[key], trained[key]) for key in saved)
+    assert not (output_dir / "checkpoint-5" / "transformer_ema").exists()
+    assert "ema" not in json.loads((output_dir / "checkpoint-5" / "training_state.json").read_text())["objects"]
+
+
+@pytest.fixture(scope="module")
+def class_pipeline(base, tmp_path_factory):
+    """A pretrained class-conditional pipeline (random weights) of the tiny configuration."""
+    folder = tmp_path_factory.mktemp("pipeline") / "class"
+    torch.manual_seed(0)
+    transformer = ENATTransformer2DModel(**CLASS_CONFIG)
+    with torch.no_grad():  # adaLN starts at zero (identity blocks): perturb it so that the attention matters
+        for parameter in transformer.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    vqvae = VQModel.from_pretrained(base / "components" / "vqvae")
+    id2label = {0: "blue", 1: "green", 2: "red", 3: "yellow"}
+    ENATPipeline(transformer, MaskedTokenScheduler(mask_token_id=CODES), vqvae, id2label=id2label).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_lora_trains_saves_loads_and_resumes_exactly(class_pipeline, class_data, tmp_path):
+    """A LoRA of the attention projections of a pretrained pipeline: a few steps change its outputs; the adapter file
+    loads into a fresh copy of the pipeline with `load_lora_weights` and gives the trained model's outputs exactly;
+    a resumed run ends with the same adapter."""
+    arguments = ["--pretrained_model_name_or_path", class_pipeline, "--train_data_dir", class_data, *FAST,
+                 "--use_lora", "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+                 "--checkpointing_steps", "2", "--max_train_steps", "4"]  # fmt: skip
+    trained = train(*arguments, "--output_dir", tmp_path / "lora")
+    adapter = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    weights = load_file(adapter)
+    assert not (tmp_path / "lora" / "model_index.json").exists() and adapter.stat().st_size < 1e6
+    assert {key.split(".attn.")[1].split(".lora_")[0] for key in weights} == {"to_q", "to_k", "to_v", "to_out.0"}
+
+    base_pipe, fresh = ENATPipeline.from_pretrained(class_pipeline), ENATPipeline.from_pretrained(class_pipeline)
+    fresh.load_lora_weights(tmp_path / "lora")
+    ids = torch.randint(0, CODES, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids[:, ::2] = CODES  # every other token masked
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        before, after, expected = (
+            pipe.transformer(ids, class_labels=labels).logits for pipe in (base_pipe, fresh, trained)
+        )
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-2  # the adapter changed the model
+
+    def generate(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(class_labels=[1, 3], num_inference_steps=2, generator=generator, output_type="latent").images
+
+    assert torch.equal(generate(fresh), generate(trained))
+
+    shutil.copytree(tmp_path / "lora", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-4")
+    train(*arguments, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest")
+    resumed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert weights.keys() == resumed.keys() and all(torch.equal(weights[key], resumed[key]) for key in weights)

@@ -42,7 +42,7 @@ LOCK_NAME = ".enat-diffusers.lock"
 STAGING_PREFIX = ".staging-"
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A mistake the user can fix (an argument, a file, a folder); command-line tools print it as one line."""
 
 
@@ -129,14 +129,35 @@ def open_image(path: PathLike, flag: str, mode: str = "RGB") -> PIL.Image.Image:
         raise UsageError(f"{flag} {path} cannot be read as an image: {error_line(error)}") from None
 
 
-def _is_local_path(name: str) -> bool:
+def is_local_path(name: str) -> bool:
     """Whether `name` can only mean a local path (a Hub repo id is `name` or `owner/name`)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def _check_config_values(folder: Path, component: str, library: str, class_name: str):
-    """Refuses config values of the wrong type (`"hidden_size": "128"`) before the model is built from them: the
-    type of each constructor argument is taken from its default."""
+def check_config_types(config: dict, cls, where: str):
+    """Refuses config values of the wrong type (`"hidden_size": "128"`) before `cls` is built from them: the type of
+    each constructor argument is taken from its default (an int, a float or a bool)."""
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in config.items():
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if value is None or default is inspect.Parameter.empty:
+            continue
+        if isinstance(default, bool):
+            expected, ok = "true or false", isinstance(value, bool)
+        elif isinstance(default, int):
+            expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            expected, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            raise UsageError(f"{where}: {key} must be {expected}, got {value!r}")
+
+
+def _check_component_config(folder: Path, component: str, library: str, class_name: str):
     config_file = folder / component / ("scheduler_config.json" if "Scheduler" in class_name else "config.json")
     if not config_file.is_file():
         return
@@ -147,23 +168,10 @@ def _check_config_values(folder: Path, component: str, library: str, class_name:
     if not isinstance(config, dict):
         raise UsageError(f"{config_file} is not a JSON object")
     try:
-        module = __import__(library, fromlist=[class_name])
-        cls = getattr(module, class_name)
-        parameters = inspect.signature(cls.__init__).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
+        cls = getattr(__import__(library, fromlist=[class_name]), class_name)
+    except (ImportError, AttributeError):
         return  # a class this check does not know: diffusers reports it
-    for key, value in config.items():
-        default = parameters[key].default if key in parameters else inspect.Parameter.empty
-        if isinstance(default, bool):
-            expected, ok = "true or false", isinstance(value, bool)
-        elif isinstance(default, int):
-            expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            expected, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            continue
-        if not ok and value is not None:
-            raise UsageError(f"{config_file}: {key} must be {expected}, got {value!r}")
+    check_config_types(config, cls, str(config_file))
 
 
 def load_pipeline(pipeline_class, model: str, flag: str = "--model", **kwargs):
@@ -184,8 +192,8 @@ def load_pipeline(pipeline_class, model: str, flag: str = "--model", **kwargs):
             raise UsageError(f"{index_file} is not valid JSON: {error_line(error)}") from None
         for component, entry in index.items() if isinstance(index, dict) else ():
             if isinstance(entry, list) and len(entry) == 2 and all(isinstance(item, str) for item in entry):
-                _check_config_values(path, component, *entry)
-    elif _is_local_path(model):
+                _check_component_config(path, component, *entry)
+    elif is_local_path(model):
         raise UsageError(f"{flag} {model}: no such folder")
     try:
         return pipeline_class.from_pretrained(model, **kwargs)

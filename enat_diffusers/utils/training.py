@@ -64,9 +64,9 @@ TRAINING_STATE = "training_state"
 # ---------------------------------------------------------------------------------------------------- arguments
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
+def add_common_arguments(parser: argparse.ArgumentParser, required: Sequence[str] = (), **defaults):
     """The optimisation, output and checkpoint arguments of every training script; `defaults` sets each script's
-    own values (shown in `--help`)."""
+    own values (shown in `--help`), `required` names those it needs on the command line."""
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--train_batch_size", type=int, help="Batch size per device (%(default)s).")
     optimisation.add_argument("--max_train_steps", type=int, help="Number of optimiser steps (%(default)s).")
@@ -116,6 +116,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, **defaults):
     )
     add_debug_argument(parser)
     parser.set_defaults(**{"max_grad_norm": None, "mixed_precision": None, **defaults})
+    for action in parser._actions:
+        if action.dest in required:
+            action.required = True
 
 
 def check_positive(args, names: Iterable[str]):
@@ -648,6 +651,20 @@ def load_training_state(folder: Path, objects: Dict[str, object]):
             obj.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
             raise UsageError(f"{json_file}: the saved state of {name!r} does not fit this run ({error!r})") from None
+
+
+class EMAState:
+    """The counters of a diffusers `EMAModel` (`optimization_step`, the decay settings) as a checkpointable object:
+    its `state_dict` without the shadow parameters, which are saved as a model."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def state_dict(self) -> dict:
+        return {key: value for key, value in self.ema.state_dict().items() if key != "shadow_params"}
+
+    def load_state_dict(self, state: dict):
+        self.ema.load_state_dict({key: value for key, value in state.items() if key != "shadow_params"})
 
 
 def register_training_state(accelerator: Accelerator, **objects):
