@@ -20,22 +20,30 @@ transformer needs no retraining. The output is a complete pipeline folder (the i
 
 import argparse
 import csv
-import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
 from diffusers import VQModel
 from torch import nn
 from tqdm.auto import tqdm
-from train_enat import load_image, read_imagefolder_captions, vq_token_ids
 
 from enat_diffusers import ENATPipeline
+from enat_diffusers.utils.cli import UsageError, add_debug_argument, load_pipeline, run_cli
+from enat_diffusers.utils.training import (
+    TrainingOutput,
+    check_positive,
+    checkpoint_step,
+    find_resume_checkpoint,
+    load_image,
+    make_accelerator,
+    read_imagefolder_captions,
+    register_training_state,
+    save_checkpoint,
+    vq_token_ids,
+)
 
 
 logger = get_logger(__name__)
@@ -62,6 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.min_mask_ratio <= args.max_mask_ratio <= 1 or args.max_mask_ratio == 0:
         raise ValueError(
@@ -70,9 +79,8 @@ def parse_args(argv=None):
         )
     if not 0 <= args.clean_fraction < 1:
         raise ValueError(f"--clean_fraction must be in [0, 1), got {args.clean_fraction}.")
-    for name in ("max_train_steps", "train_batch_size", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    args.checkpoints_total_limit = 1  # keep the newest checkpoint only: the run is short
+    check_positive(args, ("max_train_steps", "train_batch_size", "checkpointing_steps"))
     return args
 
 
@@ -108,36 +116,34 @@ def corrupt(pipe: ENATPipeline, ids, captions, generator, args, temperature) -> 
     return corrupted
 
 
-def checkpoints(output_dir: Path) -> list:
-    found = [path for path in output_dir.glob("checkpoint-*") if path.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    """The command line: `train(parse_args(argv))`, errors as one line (`--debug`: the traceback)."""
+    return run_cli(train, parse_args, argv)
+
+
+def train(args):
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, project_config=ProjectConfiguration(project_dir=str(output_dir))
+    accelerator = make_accelerator(args)
+    resume = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    output = TrainingOutput(
+        output_dir,
+        inputs=[args.pretrained_model_name_or_path, args.train_data_dir],
+        resuming=resume is not None,
+        writes_pipeline=True,
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    try:
+        return fine_tune(args, accelerator, output, resume)
+    finally:
+        output.release()
 
-    resume = None
-    if args.resume_from_checkpoint == "latest":
-        found = checkpoints(output_dir) if output_dir.is_dir() else []
-        resume = found[-1] if found else None
-    elif args.resume_from_checkpoint is not None:
-        resume = Path(args.resume_from_checkpoint)
-        if not resume.is_dir():
-            raise ValueError(f"--resume_from_checkpoint {resume} is not a folder.")
-    if resume is None and output_dir.is_dir() and any(output_dir.iterdir()):
-        raise ValueError(
-            f"--output_dir {output_dir} exists and is not empty: name a new folder, or pass "
-            "--resume_from_checkpoint latest to continue the run it holds."
-        )
 
-    pipe = ENATPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
+def fine_tune(args, accelerator, output: TrainingOutput, resume):
+    output_dir = output.path
+    output.check()
+    pipe = load_pipeline(ENATPipeline, args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    pipe = pipe.to(accelerator.device)
     if not pipe.is_text_to_image:
-        raise ValueError("The decoder is fine-tuned on captioned images: this needs a text-to-image ENATPipeline.")
+        raise UsageError("The decoder is fine-tuned on captioned images: this needs a text-to-image ENATPipeline.")
     pipe.set_progress_bar_config(disable=True)
     temperature = pipe.scheduler.config.sampling_temperature
     temperature = temperature if args.sampling_temperature is None else args.sampling_temperature
@@ -157,15 +163,16 @@ def main(argv=None):
     decoder = TokenDecoder(vqvae)
     optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.0)
     decoder, optimizer = accelerator.prepare(decoder, optimizer)
+    register_training_state(accelerator)  # nothing of its own: the batches of step s depend on --seed and s only
+    output.start(accelerator)
 
     first_step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
-        first_step = int(resume.name.split("-")[1])
+        first_step = checkpoint_step(resume)
         logger.info(f"Resumed from {resume} (step {first_step}).")
     log_path = output_dir / "train_log.csv"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         if first_step == 0 or not log_path.exists():
             log_path.write_text("step,loss,corrupted_fraction\n")
 
@@ -208,15 +215,12 @@ def main(argv=None):
                 csv.writer(file).writerow([done, loss.item(), fraction])
             progress.set_postfix(loss=f"{loss.item():.4f}")
         if done % args.checkpointing_steps == 0 and done < args.max_train_steps:
-            accelerator.save_state(str(output_dir / f"checkpoint-{done}"))
-            if accelerator.is_main_process:
-                for old in checkpoints(output_dir)[:-1]:  # keep the newest only: the run is short
-                    shutil.rmtree(old)
+            save_checkpoint(accelerator, output_dir, done, args.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipe.vqvae = accelerator.unwrap_model(decoder).vqvae.eval().requires_grad_(False)
-        pipe.save_pretrained(output_dir)
+        output.save(pipe.save_pretrained)
         logger.info(f"Saved the pipeline with the fine-tuned decoder to {output_dir}.")
     accelerator.end_training()
 

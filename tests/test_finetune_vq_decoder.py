@@ -39,7 +39,7 @@ def weights(folder, component):
 
 def corrupted_l1(vqvae, pipe, data, seed=0):
     """L1 of `vqvae`'s decoding of one fixed batch of corrupted token grids (corrupted by `pipe`'s transformer)."""
-    from train_enat import load_image, vq_token_ids
+    from enat_diffusers.utils.training import load_image, vq_token_ids
 
     records = [json.loads(line) for line in (Path(data) / "metadata.jsonl").open()][:8]
     images = torch.stack([load_image(Path(data) / record["file_name"], 64) for record in records])
@@ -95,18 +95,26 @@ def test_resume_replays_the_same_steps(shapes_train, tmp_path):
 def test_refuses_a_used_output_dir_and_a_class_conditional_pipeline(shapes_train, converted_fixture_dir, tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="exists and is not empty"):
-        run(shapes_train, tmp_path / "used", "--max_train_steps", 1)
+    code, stderr = run(shapes_train, tmp_path / "used", "--max_train_steps", 1)
+    assert code == 1 and "error: --output_dir" in stderr and "is not empty (notes.txt)" in stderr
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
-    with pytest.raises(ValueError, match="text-to-image"):
-        call_main(
-            finetune_vq_decoder.main,
-            "--pretrained_model_name_or_path",
-            converted_fixture_dir,
-            "--train_data_dir",
-            shapes_train,
-            "--output_dir",
-            tmp_path / "class",
-        )
-    with pytest.raises(ValueError, match="min_mask_ratio"):
-        run(shapes_train, tmp_path / "bad", "--min_mask_ratio", 0.9, "--max_mask_ratio", 0.5)
+    code, stderr = call_main(
+        finetune_vq_decoder.main,
+        "--pretrained_model_name_or_path",
+        converted_fixture_dir,
+        "--train_data_dir",
+        shapes_train,
+        "--output_dir",
+        tmp_path / "class",
+    )
+    assert code == 1 and "this needs a text-to-image ENATPipeline" in stderr
+    assert not (tmp_path / "class").exists()
+    code, stderr = run(shapes_train, tmp_path / "bad", "--min_mask_ratio", 0.9, "--max_mask_ratio", 0.5)
+    assert code == 1 and "min_mask_ratio" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_the_input_pipeline_is_never_the_output(shapes_train, tmp_path):
+    code, stderr = run(shapes_train, SHIPPED, "--max_train_steps", 1, "--resume_from_checkpoint", "latest")
+    assert code == 1 and "is a pipeline folder" in stderr
+    code, stderr = run(shapes_train, SHIPPED.parent, "--max_train_steps", 1)
+    assert code == 1 and "contains the input" in stderr

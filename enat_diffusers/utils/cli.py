@@ -252,10 +252,6 @@ def check_output_dir(
     existing = _nearest_existing(output_dir.absolute())
     if not existing.is_dir():
         raise UsageError(f"{flag} {output_dir} cannot be created: {existing} is a file, not a folder")
-    problem = _probe_writable(existing)
-    if problem:
-        where = "" if existing == output_dir.absolute() else f" (in {existing})"
-        raise UsageError(f"{flag} {output_dir} cannot be written{where}: {problem}")
     target = output_dir.resolve()
     for path in inputs:
         if path is None or not Path(path).expanduser().exists():
@@ -269,6 +265,10 @@ def check_output_dir(
     kind = model_folder_kind(output_dir) if output_dir.is_dir() else None
     if kind and not allow_model_folder:
         raise UsageError(f"{flag} {output_dir} is {kind}; this tool does not write into one: choose another folder")
+    problem = _probe_writable(existing)  # last: it creates (and removes) a file there
+    if problem:
+        where = "" if existing == output_dir.absolute() else f" (in {existing})"
+        raise UsageError(f"{flag} {output_dir} cannot be written{where}: {problem}")
     return output_dir
 
 
