@@ -10,6 +10,7 @@ from enat_diffusers.schedulers.scheduling_masked_token import sample_categorical
 
 MASK = 1024
 
+
 def run(scheduler, seq_len=256, batch=2, generator=None, steps=8, start=None, **set_kwargs):
     """Runs the scheduler on random logits; returns the id tensors after every step."""
     scheduler.set_timesteps(steps, **set_kwargs)
@@ -173,3 +174,25 @@ def test_add_noise_masks_a_beta_distributed_count_per_batch():
     assert ((scheduler.add_noise(clean, mask_ratio=1.0) == MASK).sum(1) == 255).all()  # clamped to L - 1
     assert ((scheduler.add_noise(clean, mask_ratio=0.0) == MASK).sum(1) == 1).all()  # and to 1
     assert ((scheduler.add_noise(clean.reshape(4, 16, 16), mask_ratio=0.5) == MASK).sum((1, 2)) == 128).all()
+
+
+def test_partly_masked_starts_and_guidance_overrides():
+    scheduler = MaskedTokenScheduler(mask_token_id=8, guidance_scale=2.5)
+    scheduler.set_timesteps(4, num_masked=16)  # every token of a 4x4 grid: ENAT's rule, unscaled
+    start = torch.full((1, 16), 8)
+    out = scheduler.step(torch.randn(1, 16, 8), 0, start, generator=torch.Generator().manual_seed(0))
+    assert int((out.prev_sample == 8).sum()) == math.floor(16 * math.cos(math.pi / 8))
+    scheduler.set_timesteps(4, num_masked=6)
+    with pytest.raises(ValueError, match=r"num_masked=6\) but the first step's sample has 16 masked"):
+        scheduler.step(torch.randn(1, 16, 8), 0, start)
+    # the override follows ENAT's ramp exactly; unchanged, it is the schedule itself
+    assert [scheduler.guidance_scale_at(k) for k in range(4)] == scheduler.step_guidance_scales
+    assert [scheduler.guidance_scale_at(k, 2.5) for k in range(4)] == scheduler.step_guidance_scales
+    assert [scheduler.guidance_scale_at(k, 0.0) for k in range(4)] == [0.0] * 4
+    listed = MaskedTokenScheduler(mask_token_id=8, guidance_scales=[0.0, 1.0, 2.0])
+    listed.set_timesteps(3)
+    assert listed.guidance_scale_at(2, 0.0) == 0.0
+    with pytest.raises(ValueError, match="can only switch guidance off"):
+        listed.guidance_scale_at(2, 1.5)
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        scheduler.set_timesteps(True)
