@@ -1,15 +1,13 @@
-# `make test` and `make demo` work from a fresh clone: they create .venv and install what they need.
+# `make test` and `make demo` work in a new checkout, offline: they create .venv and install what they need.
 #
-# `make demo` converts a checkpoint pair and generates images into outputs/demo. With no arguments it uses the tiny
-# original-format checkpoints of tests/fixtures (random weights: the images are noise, but every stage is real).
-# With the released checkpoints:
-#     make demo TRANSFORMER_CKPT=nnet_ema.pth VQGAN_CKPT=vqgan_jax_strongaug.ckpt [PRESET=enat-l-256]
+# `make demo` generates images into outputs/demo with the shipped text-to-image model (pretrained/enat-shapes), or,
+# given the released checkpoints, converts them first (see DEMO_MODEL below).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-# A CPU build of torch: the plain package index serves CUDA builds (several GB of nvidia-* packages). This machine's
-# pip finds the CPU wheel below on local disk; elsewhere point pip at PyTorch's CPU wheel index, e.g.
+# A CPU build of torch: the plain package index serves CUDA builds (several GB of nvidia-* packages). Where pip does
+# not find the CPU wheel below (a local wheel directory or a mirror), point it at PyTorch's CPU wheel index, e.g.
 #     make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
