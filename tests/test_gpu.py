@@ -12,7 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 FIXTURE_SETTINGS = dict(num_inference_steps=4, guidance_scale=2.0, mask_temperature=0, sampling_temperature=0)
 
 
-def test_reproduces_the_original_generation_on_cuda(converted_fixture_dir, enat_io):
+def test_reproduces_the_original_generation_on_cuda(converted_fixture_dir, enat_io, monkeypatch):
+    # the fixture was recorded in float32: cuDNN's default TF32 convolutions (the VQ decoder) differ by about 1e-3
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     pipe = ENATPipeline.from_pretrained(converted_fixture_dir).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     ids = pipe(class_labels=enat_io["gen.class_labels"], output_type="latent", **FIXTURE_SETTINGS).images
