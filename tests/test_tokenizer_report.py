@@ -28,7 +28,7 @@ def validation(tmp_path_factory):
 
 def test_a_good_tokenizer_passes_and_its_numbers_are_written(validation, tmp_path):
     code, err = call_main(
-        tokenizer_report.main, "--vqvae", SHIPPED_VQ, "--data", validation, "--num-images", 40,
+        tokenizer_report.main, "--vqvae", SHIPPED_VQ, "--data", validation, "--num-images", 40, "--num-pairs", 10,
         "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
     )  # fmt: skip
     assert code == 0, err
@@ -43,9 +43,23 @@ def test_a_tokenizer_whose_reconstructions_fail_shapes_eval_stops(validation, tm
         broken.quantize.embedding.weight[:] = broken.quantize.embedding.weight[0]
     broken.save_pretrained(tmp_path / "broken")
     code, err = call_main(
-        tokenizer_report.main, "--vqvae", tmp_path / "broken", "--data", validation, "--num-images", 40,
+        tokenizer_report.main, "--vqvae", tmp_path / "broken", "--data", validation, "--num-images", 40, "--num-pairs", 10,
         "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
     )  # fmt: skip
     assert code == 1
     assert "of the reconstructions pass ShapesEval (required: 95 %)" in err
     assert json.loads((tmp_path / "report.json").read_text())["shapes_eval"] < 95
+
+
+def test_locality_measures_tell_a_context_dependent_tokenizer_from_a_local_one(tmp_path):
+    shipped = tokenizer_report.locality(VQModel.from_pretrained(SHIPPED_VQ), num_pairs=30)
+    # the shipped tokenizer spells plain background with several codes, and its ids depend on distant objects
+    assert shipped["empty_image_codes"] == 10 and shipped["empty_image_interior_codes"] == 2
+    assert 20 < shipped["non_locality_left_columns"] < 80 and shipped["non_locality_left_object"] > 5
+    constant = VQModel.from_pretrained(SHIPPED_VQ)
+    with torch.no_grad():  # every latent is nearest to code 0: ids cannot depend on anything
+        constant.quantize.embedding.weight[:] = constant.quantize.embedding.weight[0]
+    local = tokenizer_report.locality(constant, num_pairs=30)
+    assert local == dict(
+        empty_image_codes=1, empty_image_interior_codes=1, non_locality_left_columns=0.0, non_locality_left_object=0.0
+    )
