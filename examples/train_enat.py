@@ -21,7 +21,8 @@ The recipe is ENAT's (LeapLabTHU/ENAT `train.py`, `libs/nat_misc.py`):
 a pretrained transformer instead of all its weights; the output folder then holds the adapter,
 `pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(output_dir)` loads into the pretrained pipeline.
 
-Data layouts (`--train_data_dir`, read with 🤗 datasets' `imagefolder`):
+Data layouts (`--train_data_dir`, read with 🤗 datasets' `imagefolder`; `--resolution` defaults to the transformer's
+grid side times the VQ model's downsampling factor):
 
 - class-conditional: one sub-folder of images per class (torchvision `ImageFolder`; classes in sorted order);
 - text-to-image, Hugging Face `imagefolder`: `metadata.jsonl` lines `{"file_name": ..., "text": ...}`;
@@ -43,13 +44,11 @@ A new text-to-image model on the Shapes data set, from a trained VQ model and te
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
 
-import argparse
 import copy
 import csv
 import hashlib
 import inspect
 import json
-import math
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -58,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from diffusers import VQModel
 from diffusers.training_utils import EMAModel, _collate_lora_metadata
 from diffusers.utils import convert_unet_state_dict_to_peft
@@ -84,23 +83,17 @@ from enat_diffusers.utils.training import (
     METADATA_FILE,
     EMAState,
     TrainingData,
-    TrainingOutput,
+    TrainingRun,
     add_common_arguments,
     check_positive,
-    checkpoint_step,
     examples,
-    find_resume_checkpoint,
     list_images,
     load_image,
-    make_accelerator,
     make_optimizer,
     read_class_folders,
     read_coco_captions,
     read_imagefolder_captions,
-    register_training_state,
-    resume_position,
-    save_checkpoint,
-    tracker_config,
+    training_parser,
     vq_token_ids,
 )
 from enat_diffusers.visualization import captioned_grid
@@ -114,7 +107,8 @@ LOG_FIELDS = ("step", "loss", "learning_rate", "mask_ratio", "reuse_fraction", "
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_help = "Class sub-folders (class-conditional), or images with a metadata.jsonl, or the COCO image folder."
+    parser = training_parser(__doc__, data_help, captions=True)
     # models
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -148,25 +142,11 @@ def parse_args(input_args=None):
             f"{DEFAULT_TEXT_ENCODER}."
         ),
     )
-    # data
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        required=True,
-        help="Class sub-folders (class-conditional), or images with a metadata.jsonl, or the COCO image folder.",
-    )
     parser.add_argument(
         "--coco_annotations_file",
         type=str,
         default=None,
         help="MS-COCO captions JSON (e.g. captions_train2017.json) whose images are in --train_data_dir.",
-    )
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption key of metadata.jsonl lines.")
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="Training resolution; defaults to the transformer's grid side times the VQ downsampling factor.",
     )
     parser.add_argument(
         "--no_random_flip",
@@ -190,12 +170,6 @@ def parse_args(input_args=None):
     )
     parser.add_argument(
         "--encode_batch_size", type=int, default=64, help="Batch size of the VQ and text encoding passes."
-    )
-    parser.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Processes that decode images for the tokenisation pass (training itself reads cached token ids).",
     )
     # ENAT's recipe
     parser.add_argument(
@@ -268,7 +242,6 @@ def parse_args(input_args=None):
         default=None,
         help="Prompts (text-to-image), or class ids or names (class-conditional), generated at each validation.",
     )
-    parser.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps and at the end.")
     parser.add_argument("--num_validation_images", type=int, default=2, help="Images per validation prompt.")
     parser.add_argument(
         "--validation_num_inference_steps", type=int, default=None, help="Decoding steps (default: the pipeline's)."
@@ -276,21 +249,10 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--validation_guidance_scale", type=float, default=None, help="Guidance scale (default: the scheduler's)."
     )
-    add_common_arguments(
-        parser,
-        required=("max_train_steps", "output_dir"),
-        train_batch_size=64,
-        learning_rate=4e-4,
-        lr_scheduler="constant_with_warmup",  # ENAT's: a linear warm-up, then constant
-        lr_warmup_steps=5000,
-        adam_beta1=0.99,
-        adam_beta2=0.99,
-        adam_weight_decay=0.03,
-        adam_epsilon=1e-8,
-        max_grad_norm=None,  # ENAT: no clipping
-        mixed_precision=None,
-        checkpointing_steps=500,
-    )
+    # ENAT's optimisation: AdamW, a linear warm-up then a constant learning rate, no gradient clipping
+    add_common_arguments(parser, ("max_train_steps", "output_dir"), train_batch_size=64, learning_rate=4e-4)
+    parser.set_defaults(lr_scheduler="constant_with_warmup", lr_warmup_steps=5000, adam_beta1=0.99, adam_beta2=0.99)
+    parser.set_defaults(adam_weight_decay=0.03, max_grad_norm=None, resolution=None)
 
     args = parser.parse_args(input_args)
 
@@ -960,34 +922,22 @@ def main(args) -> Optional[ENATPipeline]:
     """Trains; returns the final pipeline (EMA weights, or the trained ones) on the main process, None elsewhere."""
     output_dir = Path(args.output_dir)
     token_cache_dir = Path(args.token_cache_dir) if args.token_cache_dir else output_dir / "token_cache"
-    accelerator = make_accelerator(
-        args,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        # the reuse branch (prev_proj) and the text projection are not used by every batch
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    logger.info(accelerator.state, main_process_only=False)
-    warn_if_slow_bf16(accelerator)
-    set_seed(args.seed)  # the initialisation of a new model; training randomness comes from TrainingRNG
-
-    # 1. Components, data and output folder: every check runs before anything is written.
-    resume_checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     inputs = [args.train_data_dir, args.coco_annotations_file, args.transformer_config]
     inputs += [args.pretrained_model_name_or_path, args.vqvae_name_or_path, args.text_encoder_name_or_path]
-    output = TrainingOutput(
-        output_dir, inputs, resuming=resume_checkpoint is not None, writes_pipeline=True, ignore=[token_cache_dir]
-    )
-    try:
-        return train(args, accelerator, output, resume_checkpoint, token_cache_dir, inputs)
-    finally:
-        output.release()
+    # the reuse branch (prev_proj) and the text projection are not used by every batch
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    with TrainingRun(args, inputs, True, ignore=[token_cache_dir], kwargs_handlers=handlers) as run:
+        if args.token_cache_dir:
+            check_output_dir(token_cache_dir, inputs, "--token_cache_dir")
+        return train(args, run, token_cache_dir)
 
 
-def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_cache_dir: Path, inputs):
-    output_dir = output.path
-    output.check()
-    if args.token_cache_dir:
-        check_output_dir(token_cache_dir, inputs, "--token_cache_dir", allow_model_folder=False)
+def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipeline]:
+    accelerator, output_dir, resume_checkpoint = run.accelerator, run.output_dir, run.checkpoint
+    logger.info(accelerator.state, main_process_only=False)
+    warn_if_slow_bf16(accelerator)
+
+    # 1. Components, data and output folder: every check runs before anything is written.
     transformer, scheduler, vqvae, text_encoder, tokenizer, id2label = load_models(args)
     resolution = check_compatibility(transformer, scheduler, vqvae, text_encoder, args.resolution)
     if resume_checkpoint is not None:
@@ -1025,7 +975,7 @@ def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_ca
     if args.validation_prompts:
         validation_requests(pipe, args.validation_prompts)  # fails now on a class name that does not exist
 
-    output.start(accelerator)  # every process has checked the output folder; the main one holds its lock
+    run.output.start(accelerator)  # every process has checked the output folder; the main one holds its lock
     if accelerator.is_main_process:
         token_cache_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -1057,8 +1007,7 @@ def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_ca
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     train_dataloader = accelerator.prepare_data_loader(train_dataloader, device_placement=False)
     rng = TrainingRNG(args.seed, accelerator.process_index, accelerator.num_processes)
-    # the generator (and the EMA's step count) go into every checkpoint as JSON and safetensors, never as a pickle
-    register_training_state(accelerator, rng=rng, **({"ema": EMAState(ema)} if ema is not None else {}))
+    run.before_checkpoint.append(rng.gather)  # every process's generator state
 
     # checkpoints hold the transformer and its EMA in the diffusers format (with their config.json), or the adapter
     def save_model_hook(models, weights, checkpoint_dir):
@@ -1085,144 +1034,103 @@ def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_ca
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    def checkpoint(step: int):
-        rng.gather()  # every process's generator state
-        save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
-
-    global_step = 0
-    if resume_checkpoint is not None:
-        logger.info(f"Resuming from {resume_checkpoint}.")
-        accelerator.load_state(resume_checkpoint)
-        global_step = checkpoint_step(resume_checkpoint)
-    last_checkpoint_step = global_step if resume_checkpoint is not None else None
-
+    # the generator (and the EMA's step count) go into every checkpoint as JSON and safetensors, never as a pickle
+    state = {"rng": rng, **({"ema": EMAState(ema)} if ema is not None else {})}
+    seq_len, num_views = transformer.config.sample_size**2, tokens.shape[1]
+    describe = {"Images": f"{len(tokens)} x {num_views} views, {seq_len} tokens each"}
+    global_step = run.start("train_enat", describe, **state)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_enat", config=tracker_config(args))
         training_log = TrainingLog(output_dir / "train_log.csv", global_step)
 
     # 4. Train.
-    seq_len = transformer.config.sample_size**2
     mask_token_id = transformer.mask_token_id
-    num_views = tokens.shape[1]
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Training: {len(tokens)} images x {num_views} views, {seq_len} tokens each; {args.max_train_steps} "
-        f"steps of {total_batch_size} images ({args.train_batch_size} per device x {accelerator.num_processes} "
-        f"processes x {args.gradient_accumulation_steps} accumulation); {steps_per_epoch} steps per epoch *****"
-    )
     if args.lr_warmup_steps >= args.max_train_steps:
         logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps: the run ends warming up.")
-    progress_bar = tqdm(
-        total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
 
     def new_window():  # sums over the steps of one log row
         return {"loss": torch.zeros((), device=accelerator.device), "mask_ratio": 0.0, "reuse": 0, "batches": 0}
 
     window, window_tokens, window_start, run_start = new_window(), 0, time.perf_counter(), time.perf_counter()
-    first_epoch, skip_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
-    epoch = first_epoch
-    while global_step < args.max_train_steps:
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, skip_batches)
-        for image_indices in batches:
-            generator = rng.generator
-            batch_size = len(image_indices)
-            views = torch.randint(num_views, (batch_size,), generator=generator)
-            clean = tokens[image_indices, views].long()  # (B, L)
-            drop = torch.rand(batch_size, generator=generator) < args.cond_dropout_prob
-            condition = {k: v.to(accelerator.device) for k, v in conditions(image_indices, drop, generator).items()}
-            if args.region_mask_prob and torch.rand((), generator=generator) < args.region_mask_prob:
-                ratio = scheduler.sample_mask_ratio(generator)
-                input_ids = mask_in_regions(clean, mask_token_id, transformer.config.sample_size, ratio, generator)
-            else:
-                input_ids = scheduler.add_noise(clean, generator=generator)
-            masked = input_ids == mask_token_id
-            reuse = bool(torch.rand((), generator=generator) < args.reuse_prob)
-            previous_ids = mask_previous_step(input_ids, mask_token_id, generator) if reuse else None
-            window["mask_ratio"] += masked[0].float().mean().item()
-            input_ids, clean, masked = (t.to(accelerator.device) for t in (input_ids, clean, masked))
+    for image_indices in run.batches(train_dataloader):
+        generator = rng.generator
+        batch_size = len(image_indices)
+        views = torch.randint(num_views, (batch_size,), generator=generator)
+        clean = tokens[image_indices, views].long()  # (B, L)
+        drop = torch.rand(batch_size, generator=generator) < args.cond_dropout_prob
+        condition = {k: v.to(accelerator.device) for k, v in conditions(image_indices, drop, generator).items()}
+        if args.region_mask_prob and torch.rand((), generator=generator) < args.region_mask_prob:
+            ratio = scheduler.sample_mask_ratio(generator)
+            input_ids = mask_in_regions(clean, mask_token_id, transformer.config.sample_size, ratio, generator)
+        else:
+            input_ids = scheduler.add_noise(clean, generator=generator)
+        masked = input_ids == mask_token_id
+        reuse = bool(torch.rand((), generator=generator) < args.reuse_prob)
+        previous_ids = mask_previous_step(input_ids, mask_token_id, generator) if reuse else None
+        window["mask_ratio"] += masked[0].float().mean().item()
+        input_ids, clean, masked = (t.to(accelerator.device) for t in (input_ids, clean, masked))
 
-            with accelerator.accumulate(model):
-                reuse_inputs = {}
-                if reuse:  # the previous step's features, from the EMA model as sampling will use it
-                    with torch.no_grad(), accelerator.autocast():
-                        _, state = result(previous_ids.to(accelerator.device), **condition, return_dict=False)
-                    reuse_inputs = {
-                        "reuse_hidden_states": state.hidden_states,
-                        "reuse_mask": state.mask,
-                        "reuse_text_hidden_states": state.text_hidden_states,
-                    }
-                logits = model(input_ids, **reuse_inputs, **condition)  # (B, L, K)
-                loss = F.cross_entropy(logits[masked].float(), clean[masked], label_smoothing=args.label_smoothing)
-                accelerator.backward(loss)
-                if args.max_grad_norm is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            window["loss"] += loss.detach()
-            window["reuse"] += reuse
-            window["batches"] += 1
-            window_tokens += batch_size * seq_len
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(transformer.parameters())
-            global_step += 1
-            progress_bar.update(1)
-
-            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                statistics = torch.tensor(
-                    [window["loss"].item() / window["batches"], window_tokens], device=accelerator.device
-                )
-                statistics = accelerator.reduce(statistics, reduction="sum")
-                seconds = time.perf_counter() - window_start
-                row = {
-                    "step": global_step,
-                    "loss": statistics[0].item() / accelerator.num_processes,
-                    "learning_rate": lr_scheduler.get_last_lr()[0],
-                    "mask_ratio": window["mask_ratio"] / window["batches"],
-                    "reuse_fraction": window["reuse"] / window["batches"],
-                    "tokens_per_second": statistics[1].item() / seconds,
-                    "seconds": time.perf_counter() - run_start,
+        with accelerator.accumulate(model):
+            reuse_inputs = {}
+            if reuse:  # the previous step's features, from the EMA model as sampling will use it
+                with torch.no_grad(), accelerator.autocast():
+                    _, state = result(previous_ids.to(accelerator.device), **condition, return_dict=False)
+                reuse_inputs = {
+                    "reuse_hidden_states": state.hidden_states,
+                    "reuse_mask": state.mask,
+                    "reuse_text_hidden_states": state.text_hidden_states,
                 }
-                accelerator.log(
-                    {f"train/{key}": value for key, value in row.items() if key != "step"}, step=global_step
-                )
-                progress_bar.set_postfix(
-                    loss=f"{row['loss']:.3f}",
-                    lr=f"{row['learning_rate']:.2e}",
-                    tok_s=f"{row['tokens_per_second']:.0f}",
-                )
-                if accelerator.is_main_process:
-                    training_log.write(row)
-                window, window_tokens, window_start = new_window(), 0, time.perf_counter()
+            logits = model(input_ids, **reuse_inputs, **condition)  # (B, L, K)
+            loss = F.cross_entropy(logits[masked].float(), clean[masked], label_smoothing=args.label_smoothing)
+            run.optimizer_step(model, loss, optimizer, lr_scheduler)
 
-            if global_step % args.checkpointing_steps == 0:
-                checkpoint(global_step)
-                last_checkpoint_step = global_step
-            if args.validation_prompts and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(pipe, args, accelerator, global_step, output_dir)
-            if global_step >= args.max_train_steps:
-                break
-        epoch += 1
-    progress_bar.close()
+        window["loss"] += loss.detach()
+        window["reuse"] += reuse
+        window["batches"] += 1
+        window_tokens += batch_size * seq_len
+        if not run.step_done():
+            continue
+        if ema is not None:
+            ema.step(transformer.parameters())
+        global_step = run.global_step
+
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            statistics = torch.tensor(
+                [window["loss"].item() / window["batches"], window_tokens], device=accelerator.device
+            )
+            statistics = accelerator.reduce(statistics, reduction="sum")
+            seconds = time.perf_counter() - window_start
+            row = {
+                "step": global_step,
+                "loss": statistics[0].item() / accelerator.num_processes,
+                "learning_rate": lr_scheduler.get_last_lr()[0],
+                "mask_ratio": window["mask_ratio"] / window["batches"],
+                "reuse_fraction": window["reuse"] / window["batches"],
+                "tokens_per_second": statistics[1].item() / seconds,
+                "seconds": time.perf_counter() - run_start,
+            }
+            accelerator.log({f"train/{key}": value for key, value in row.items() if key != "step"}, step=global_step)
+            run.progress.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                lr=f"{row['learning_rate']:.2e}",
+                tok_s=f"{row['tokens_per_second']:.0f}",
+            )
+            if accelerator.is_main_process:
+                training_log.write(row)
+            window, window_tokens, window_start = new_window(), 0, time.perf_counter()
+
+        run.save_checkpoint_if_due()
+        if args.validation_prompts and run.validation_due():
+            log_validation(pipe, args, accelerator, global_step, output_dir)
 
     # 5. The pipeline folder (EMA weights) or the adapter, a last checkpoint and validation, the loss curve; then a
     # consistency check.
-    if last_checkpoint_step != global_step:
-        checkpoint(global_step)
+    run.save_checkpoint_if_due(final=True)
     if accelerator.is_main_process:
         if args.use_lora:
-            output.save(lambda folder: save_lora(folder, transformer))
+            run.output.save(lambda folder: save_lora(folder, transformer))
             logger.info(f"Saved the LoRA adapter to {output_dir} (pipe.load_lora_weights loads it).")
         else:
-            output.save(pipe.save_pretrained)
+            run.output.save(pipe.save_pretrained)
             logger.info(f"Saved the pipeline to {output_dir}.")
         if args.validation_prompts and global_step % args.validation_steps != 0:
             log_validation(pipe, args, accelerator, global_step, output_dir)
@@ -1237,7 +1145,6 @@ def train(args, accelerator, output: TrainingOutput, resume_checkpoint, token_ca
     # drop the DDP model before its process group: torn down later, at exit, a gloo group can hang
     del model, optimizer, lr_scheduler
     accelerator.free_memory()
-    accelerator.end_training()
     return pipe if accelerator.is_main_process else None
 
 

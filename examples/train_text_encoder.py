@@ -38,73 +38,54 @@ token embedding) and a 3.6 MB `tokenizer/`; a step costs about 0.25 s of one CPU
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
 
 from enat_diffusers import build_clip_tokenizer
 from enat_diffusers.utils.cli import run_cli
 from enat_diffusers.utils.training import (
-    TrainingOutput,
+    TrainingRun,
     add_common_arguments,
     check_positive,
-    find_resume_checkpoint,
     load_image,
-    make_accelerator,
-    make_optimizer,
-    num_epochs,
     read_imagefolder_captions,
     readable,
-    register_training_state,
-    resume_position,
-    save_checkpoint,
     split_held_out,
-    tracker_config,
+    training_parser,
 )
 
 
 logger = get_logger(__name__)
+DATA_HELP = 'An imagefolder with captions: DIR/metadata.jsonl lines {"file_name": ..., "text": ...}.'
+
+
+# the sizes of the two towers: the text one is kept, the vision one discarded after training
+TOWER_SIZES = {
+    "text_hidden_size": (64, "Width of the text transformer."),
+    "text_num_layers": (2, "Layers of the text transformer."),
+    "text_num_heads": (4, "Attention heads of the text transformer."),
+    "text_intermediate_size": (None, "MLP width of the text transformer (default 4x)."),
+    "projection_dim": (64, "Size of the projected (pooled) embedding."),
+    "vision_hidden_size": (64, "Width of the ViT."),
+    "vision_num_layers": (2, "Layers of the ViT."),
+    "vision_num_heads": (4, "Attention heads of the ViT."),
+    "patch_size": (8, "ViT patch size; must divide --resolution."),
+}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # data
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        required=True,
-        help='HF imagefolder with captions: DIR/metadata.jsonl lines {"file_name": ..., "text": ...}.',
-    )
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption key in metadata.jsonl.")
-    parser.add_argument(
-        "--validation_data_dir",
-        type=str,
-        default=None,
-        help="Imagefolder of held-out pairs. Default: hold out --num_validation_pairs of the training pairs.",
-    )
-    parser.add_argument(
-        "--num_validation_pairs",
-        type=int,
-        default=256,
-        help="Pairs held out from --train_data_dir when --validation_data_dir is not given.",
-    )
+    parser = training_parser(__doc__, DATA_HELP, captions=True, held_out="pairs")
     parser.add_argument(
         "--validation_batch_size",
         type=int,
         default=64,
         help="Number of candidates among which retrieval accuracy is measured.",
     )
-    parser.add_argument(
-        "--resolution", type=int, default=64, help="Images are resized (shorter side) and centre-cropped to it."
-    )
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses for data loading.")
     # text tower (kept)
     parser.add_argument(
         "--max_length",
@@ -112,18 +93,8 @@ def parse_args(input_args=None):
         default=77,
         help="Token length of the padded captions: tokenizer.model_max_length and the encoder's positions.",
     )
-    parser.add_argument("--text_hidden_size", type=int, default=64, help="Width of the text transformer.")
-    parser.add_argument("--text_num_layers", type=int, default=2, help="Layers of the text transformer.")
-    parser.add_argument("--text_num_heads", type=int, default=4, help="Attention heads of the text transformer.")
-    parser.add_argument(
-        "--text_intermediate_size", type=int, default=None, help="MLP width of the text transformer (default 4x)."
-    )
-    parser.add_argument("--projection_dim", type=int, default=64, help="Size of the projected (pooled) embedding.")
-    # vision tower (discarded after training)
-    parser.add_argument("--vision_hidden_size", type=int, default=64, help="Width of the ViT.")
-    parser.add_argument("--vision_num_layers", type=int, default=2, help="Layers of the ViT.")
-    parser.add_argument("--vision_num_heads", type=int, default=4, help="Attention heads of the ViT.")
-    parser.add_argument("--patch_size", type=int, default=8, help="ViT patch size; must divide --resolution.")
+    for name, (default, help) in TOWER_SIZES.items():
+        parser.add_argument(f"--{name}", type=int, default=default, help=help)
     parser.add_argument(
         "--hard_negative_weight",
         type=float,
@@ -131,30 +102,10 @@ def parse_args(input_args=None):
         help="Weight of the word-swap hard-negative loss (NegCLIP): each image must prefer its caption over the "
         "caption with two words of one kind swapped. Teaches word order and attribute binding; 0: plain CLIP.",
     )
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in a --output_dir that holds files already (its earlier checkpoints are removed; other "
-        "files are replaced only where this run writes the same names). Never a pipeline or model folder.",
-    )
-    parser.add_argument(
-        "--validation_steps", type=int, default=500, help="Log held-out retrieval accuracy every N steps."
-    )
-    add_common_arguments(
-        parser,
-        train_batch_size=64,
-        max_train_steps=2000,
-        learning_rate=2e-3,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        adam_beta1=0.9,
-        adam_beta2=0.98,
-        adam_weight_decay=0.01,
-        adam_epsilon=1e-6,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        output_dir="clip-model",
-        checkpointing_steps=1000,
+    add_common_arguments(parser, overwrite=True, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=100)
+    parser.set_defaults(train_batch_size=64, max_train_steps=2000, adam_beta2=0.98, adam_epsilon=1e-6)
+    parser.set_defaults(
+        mixed_precision="no", output_dir="clip-model", checkpointing_steps=1000, num_validation_pairs=256
     )
 
     args = parser.parse_args(input_args)
@@ -399,123 +350,60 @@ def evaluate(
 
 def main(args) -> dict | None:
     """Trains, saves and evaluates; returns the held-out metrics on the main process (None elsewhere)."""
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args)
-    set_seed(args.seed)
-    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    output = TrainingOutput(
-        output_dir,
-        inputs=[args.train_data_dir, args.validation_data_dir],
-        resuming=checkpoint is not None,
-        overwrite=args.overwrite_output_dir or args.resume_from_checkpoint is not None,
-        overwrite_flag="--overwrite_output_dir",
-    )
-    output.check()
+    with TrainingRun(args, [args.train_data_dir, args.validation_data_dir]) as run:
+        return train(args, run)
 
+
+def train(args, run: TrainingRun) -> dict | None:
+    accelerator = run.accelerator
     train_pairs, validation_pairs = split_pairs(args)
     tokenizer = build_clip_tokenizer(model_max_length=args.max_length)
     train_dataset = ImageCaptionDataset(train_pairs, tokenizer, args.resolution)
     validation_dataset = ImageCaptionDataset(validation_pairs, tokenizer, args.resolution)
     negatives = WordSwapNegatives(train_dataset.captions)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=len(train_dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
 
     clip = build_clip(args, tokenizer)
     clip.train()
     num_text_parameters = sum(p.numel() for p in clip.text_model.parameters()) + clip.text_projection.weight.numel()
+    model, optimizer, train_dataloader, lr_scheduler = run.prepare(clip, train_dataset)
+    describe = {
+        "Training / held-out pairs": f"{len(train_dataset)} / {len(validation_dataset)}",
+        "Text encoder parameters": f"{num_text_parameters / 1e6:.3f} M",
+    }
+    run.start("train_text_encoder", describe)  # the run's randomness depends on --seed and the step only
 
-    optimizer, lr_scheduler = make_optimizer(args, clip.parameters(), accelerator)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        clip, optimizer, train_dataloader, lr_scheduler
-    )
-    register_training_state(accelerator)  # nothing of its own, but checkpoints are checked the same way on resume
-    output.start(accelerator)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_text_encoder", config=tracker_config(args))
-
-    steps_per_epoch, epochs = num_epochs(args.max_train_steps, len(train_dataloader), args.gradient_accumulation_steps)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Training / held-out pairs = {len(train_dataset)} / {len(validation_dataset)}")
-    logger.info(f"  Text encoder parameters = {num_text_parameters / 1e6:.3f} M")
-    logger.info(f"  Total batch size (parallel, accumulation) = {total_batch_size}")
-    logger.info(f"  Optimisation steps = {args.max_train_steps}")
-
-    global_step = 0
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[1])
-    first_epoch, resume_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
-
-    progress_bar = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
-    for epoch in range(first_epoch, epochs):
-        dataloader = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        for batch in dataloader:
-            if global_step >= args.max_train_steps:
-                break
-            input_ids, with_negative = batch["input_ids"], None
-            if args.hard_negative_weight:
-                generator = torch.Generator().manual_seed(args.seed + global_step)
-                input_ids, with_negative = add_negatives(input_ids, batch["caption"], negatives, tokenizer, generator)
-            with accelerator.accumulate(model):
-                # the vision tower sees the [0, 1] images centred to [-1, 1]
-                outputs = model(input_ids=input_ids, pixel_values=batch["pixel_values"] * 2 - 1)
-                batch_size = len(batch["input_ids"])
-                loss = contrastive_loss(outputs.logits_per_text[:batch_size])
-                if with_negative is not None and len(with_negative):
-                    loss = loss + args.hard_negative_weight * hard_negative_loss(
-                        outputs.logits_per_text, with_negative
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress_bar.update(1)
-            logits = outputs.logits_per_text[: len(batch["input_ids"])].detach()
-            batch_accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
-            logs = {
-                "loss": accelerator.gather(loss.detach()).mean().item(),
-                "batch_text_to_image_top1": accelerator.gather(batch_accuracy).mean().item(),
-                "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
-                "lr": lr_scheduler.get_last_lr()[0],
-            }
-            progress_bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['batch_text_to_image_top1']:.2f}")
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                metrics = evaluate(
-                    accelerator.unwrap_model(model),
-                    validation_dataset,
-                    args.validation_batch_size,
-                    negatives,
-                    tokenizer,
-                    accelerator.device,
-                )
-                accelerator.log(metrics, step=global_step)
-    progress_bar.close()
+    for batch in run.batches(train_dataloader):
+        input_ids, with_negative = batch["input_ids"], None
+        if args.hard_negative_weight:
+            generator = torch.Generator().manual_seed(args.seed + run.global_step)
+            input_ids, with_negative = add_negatives(input_ids, batch["caption"], negatives, tokenizer, generator)
+        with accelerator.accumulate(model):
+            # the vision tower sees the [0, 1] images centred to [-1, 1]
+            outputs = model(input_ids=input_ids, pixel_values=batch["pixel_values"] * 2 - 1)
+            batch_size = len(batch["input_ids"])
+            loss = contrastive_loss(outputs.logits_per_text[:batch_size])
+            if with_negative is not None and len(with_negative):
+                loss = loss + args.hard_negative_weight * hard_negative_loss(outputs.logits_per_text, with_negative)
+            run.optimizer_step(model, loss, optimizer, lr_scheduler)
+        if not run.step_done():
+            continue
+        logits = outputs.logits_per_text[:batch_size].detach()
+        batch_accuracy = (logits.argmax(1) == torch.arange(len(logits), device=logits.device)).float().mean()
+        logs = {
+            "loss": accelerator.gather(loss.detach()).mean().item(),
+            "batch_text_to_image_top1": accelerator.gather(batch_accuracy).mean().item(),
+            "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
+            "lr": lr_scheduler.get_last_lr()[0],
+        }
+        run.progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['batch_text_to_image_top1']:.2f}")
+        accelerator.log(logs, step=run.global_step)
+        run.save_checkpoint_if_due()
+        if run.validation_due():
+            clip = accelerator.unwrap_model(model)
+            metrics = evaluate(
+                clip, validation_dataset, args.validation_batch_size, negatives, tokenizer, accelerator.device
+            )
+            accelerator.log(metrics, step=run.global_step)
 
     accelerator.wait_for_everyone()
     metrics = None
@@ -530,22 +418,18 @@ def main(args) -> dict | None:
             text_encoder.save_pretrained(staging / "text_encoder")
             tokenizer.save_pretrained(staging / "tokenizer")
 
-        output.save(save)
+        run.output.save(save)
         metrics = evaluate(
             clip, validation_dataset, args.validation_batch_size, negatives, tokenizer, accelerator.device
         )
-        accelerator.log(metrics, step=global_step)
+        accelerator.log(metrics, step=run.global_step)
         accelerator.print(
-            f"Held-out retrieval ({len(validation_dataset)} pairs, top-1 among {args.validation_batch_size}): "
-            f"caption -> image {metrics['val/text_to_image_top1']:.1%}, "
-            f"image -> caption {metrics['val/image_to_text_top1']:.1%}; an image prefers its caption to a "
-            f"word-swapped one {metrics['val/word_order_accuracy']:.1%} of the time"
+            f"Held-out retrieval ({len(validation_dataset)} pairs, top-1 among {args.validation_batch_size}): caption "
+            f"-> image {metrics['val/text_to_image_top1']:.1%}, image -> caption "
+            f"{metrics['val/image_to_text_top1']:.1%}; an image prefers its caption to a word-swapped one "
+            f"{metrics['val/word_order_accuracy']:.1%} of the time. The text encoder and tokenizer are in "
+            f"{run.output_dir}."
         )
-        accelerator.print(
-            f"Saved the text encoder and tokenizer to {output_dir / 'text_encoder'}, {output_dir / 'tokenizer'}"
-        )
-    accelerator.end_training()
-    output.release()
     return metrics
 
 

@@ -43,70 +43,34 @@ On a CPU shared with other jobs, `OMP_NUM_THREADS=1` can be faster than 2 thread
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
 
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs
 from diffusers import VQModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from enat_diffusers.utils.cli import run_cli
 from enat_diffusers.utils.training import (
-    TrainingOutput,
+    TrainingRun,
     add_common_arguments,
     check_positive,
-    find_resume_checkpoint,
     list_images,
     load_image,
-    make_accelerator,
-    make_optimizer,
-    num_epochs,
     readable,
-    register_training_state,
-    resume_position,
-    save_checkpoint,
     split_held_out,
-    tracker_config,
+    training_parser,
 )
 
 
-logger = get_logger(__name__)
+DATA_HELP = "Folder of training images, searched recursively (an imagefolder's captions are ignored)."
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # data
-    parser.add_argument(
-        "--train_data_dir",
-        type=str,
-        required=True,
-        help="Folder of training images, searched recursively (an HF imagefolder works; captions are ignored).",
-    )
-    parser.add_argument(
-        "--validation_data_dir",
-        type=str,
-        default=None,
-        help="Folder of held-out images. Default: hold out --num_validation_images of the training images.",
-    )
-    parser.add_argument(
-        "--num_validation_images",
-        type=int,
-        default=64,
-        help="Images held out from --train_data_dir for validation when --validation_data_dir is not given.",
-    )
-    parser.add_argument(
-        "--resolution",
-        type=int,
-        default=64,
-        help="Training resolution: images are resized (shorter side) and centre-cropped to it.",
-    )
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses for data loading.")
+    parser = training_parser(__doc__, DATA_HELP, captions=False, held_out="images")
     # model
     parser.add_argument(
         "--block_out_channels",
@@ -154,31 +118,9 @@ def parse_args(input_args=None):
         default=0.9,
         help="Stop restarting codes after this fraction of --max_train_steps, so that the decoder can settle.",
     )
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="Start a new run in a --output_dir that holds files already (its earlier checkpoints are removed; other "
-        "files are replaced only where this run writes the same names). Never a pipeline or model folder.",
-    )
-    parser.add_argument(
-        "--validation_steps", type=int, default=250, help="Log held-out metrics and reconstructions every N steps."
-    )
-    add_common_arguments(
-        parser,
-        train_batch_size=16,
-        max_train_steps=1500,
-        learning_rate=2e-3,
-        lr_scheduler="cosine",
-        lr_warmup_steps=50,
-        adam_beta1=0.9,
-        adam_beta2=0.99,
-        adam_weight_decay=0.0,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        mixed_precision="no",
-        output_dir="vqgan-model",
-        checkpointing_steps=250,
-    )
+    add_common_arguments(parser, overwrite=True, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=50)
+    parser.set_defaults(max_train_steps=1500, adam_beta2=0.99, adam_weight_decay=0.0, mixed_precision="no")
+    parser.set_defaults(output_dir="vqgan-model", checkpointing_steps=250, validation_steps=250)
 
     args = parser.parse_args(input_args)
     if args.vq_embed_dim is None:
@@ -373,34 +315,17 @@ def log_validation(vqvae, dataset, args, accelerator, step):
 
 def main(args) -> dict | None:
     """Trains, saves and evaluates; returns the held-out metrics on the main process (None elsewhere)."""
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(
-        args,
-        # during the quantizer warm-up the codebook gets no gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.quantizer_warmup_steps > 0)],
-    )
-    set_seed(args.seed)
-    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    output = TrainingOutput(
-        output_dir,
-        inputs=[args.train_data_dir, args.validation_data_dir],
-        resuming=checkpoint is not None,
-        overwrite=args.overwrite_output_dir or args.resume_from_checkpoint is not None,
-        overwrite_flag="--overwrite_output_dir",
-    )
-    output.check()
+    # during the quantizer warm-up the codebook gets no gradient
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=args.quantizer_warmup_steps > 0)]
+    with TrainingRun(args, [args.train_data_dir, args.validation_data_dir], kwargs_handlers=handlers) as run:
+        return train(args, run)
 
+
+def train(args, run: TrainingRun) -> dict | None:
+    accelerator = run.accelerator
     train_paths, validation_paths = split_images(args)
     train_dataset = ImageFolderDataset(train_paths, args.resolution)
     validation_dataset = ImageFolderDataset(validation_paths, args.resolution)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=len(train_dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
 
     num_blocks = len(args.block_out_channels)
     vqvae = VQModel(
@@ -428,117 +353,75 @@ def main(args) -> dict | None:
     monitor = CodebookMonitor(vqvae.quantize, args.num_vq_embeddings)
     num_parameters = sum(p.numel() for p in vqvae.parameters())
 
-    optimizer, lr_scheduler = make_optimizer(args, vqvae.parameters(), accelerator)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        vqvae, optimizer, train_dataloader, lr_scheduler
-    )
-    register_training_state(accelerator, codebook_monitor=monitor)  # JSON and safetensors, never a pickle
-    output.start(accelerator)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers("train_vqgan", config=tracker_config(args))
-
-    steps_per_epoch, epochs = num_epochs(args.max_train_steps, len(train_dataloader), args.gradient_accumulation_steps)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Training / held-out images = {len(train_dataset)} / {len(validation_dataset)}")
-    logger.info(f"  Parameters = {num_parameters / 1e6:.3f} M ({num_parameters * 4 / 2**20:.2f} MiB in fp32)")
-    logger.info(f"  Total batch size (parallel, accumulation) = {total_batch_size}")
-    logger.info(f"  Optimisation steps = {args.max_train_steps}")
-
-    global_step = 0
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[1])
-    first_epoch, resume_batches = resume_position(global_step, steps_per_epoch, args.gradient_accumulation_steps)
+    model, optimizer, train_dataloader, lr_scheduler = run.prepare(vqvae, train_dataset)
+    describe = {
+        "Training / held-out images": f"{len(train_dataset)} / {len(validation_dataset)}",
+        "Parameters": f"{num_parameters / 1e6:.3f} M ({num_parameters * 4 / 2**20:.2f} MiB in fp32)",
+    }
+    run.start("train_vqgan", describe, codebook_monitor=monitor)  # the monitor: JSON and safetensors, no pickle
 
     embedding = accelerator.unwrap_model(model).quantize.embedding
     restart_until = args.codebook_restart_until * args.max_train_steps
-    progress_bar = tqdm(
-        range(args.max_train_steps),
-        initial=global_step,
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
-    for epoch in range(first_epoch, epochs):
-        dataloader = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            dataloader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-        for pixel_values in dataloader:
-            if global_step >= args.max_train_steps:
-                break
-            pixel_values = pixel_values.to(memory_format=torch.channels_last)
-            monitor.quantize = global_step >= args.quantizer_warmup_steps
-            with accelerator.accumulate(model):
-                reconstructions, vq_loss = model(pixel_values, return_dict=False)
-                if args.reconstruction_loss == "l1":
-                    reconstruction_loss = F.l1_loss(reconstructions.float(), pixel_values)
-                else:
-                    reconstruction_loss = F.mse_loss(reconstructions.float(), pixel_values)
-                loss = reconstruction_loss + args.vq_loss_weight * vq_loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-                batch_usage = monitor.update(accelerator.gather(monitor.ids))
-
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress_bar.update(1)
-            logs = {
-                "loss": accelerator.gather(loss.detach()).mean().item(),
-                "reconstruction_loss": accelerator.gather(reconstruction_loss.detach()).mean().item(),
-                "vq_loss": accelerator.gather(vq_loss.detach()).mean().item(),
-                "codebook_usage": batch_usage,
-                "lr": lr_scheduler.get_last_lr()[0],
-            }
-            initialise = global_step == max(args.quantizer_warmup_steps, 1)
-            restart = (
-                args.codebook_restart_steps
-                and global_step % args.codebook_restart_steps == 0
-                and args.quantizer_warmup_steps < global_step <= restart_until
-            )
-            if initialise or restart:
-                # the same latents and generator on every process keep the codebook replicas identical
-                latents = accelerator.gather(monitor.latents)
-                generator = torch.Generator().manual_seed(args.seed + global_step)
-                if initialise:
-                    monitor.initialise_codebook(embedding, latents, generator, optimizer)
-                else:
-                    logs["restarted_codes"] = monitor.restart_dead_codes(embedding, latents, generator, optimizer)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{batch_usage:.2f}")
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(accelerator.unwrap_model(model), validation_dataset, args, accelerator, global_step)
-    progress_bar.close()
+    for pixel_values in run.batches(train_dataloader):
+        pixel_values = pixel_values.to(memory_format=torch.channels_last)
+        monitor.quantize = run.global_step >= args.quantizer_warmup_steps
+        with accelerator.accumulate(model):
+            reconstructions, vq_loss = model(pixel_values, return_dict=False)
+            if args.reconstruction_loss == "l1":
+                reconstruction_loss = F.l1_loss(reconstructions.float(), pixel_values)
+            else:
+                reconstruction_loss = F.mse_loss(reconstructions.float(), pixel_values)
+            loss = reconstruction_loss + args.vq_loss_weight * vq_loss
+            run.optimizer_step(model, loss, optimizer, lr_scheduler)
+            batch_usage = monitor.update(accelerator.gather(monitor.ids))
+        if not run.step_done():
+            continue
+        step = run.global_step
+        logs = {
+            "loss": accelerator.gather(loss.detach()).mean().item(),
+            "reconstruction_loss": accelerator.gather(reconstruction_loss.detach()).mean().item(),
+            "vq_loss": accelerator.gather(vq_loss.detach()).mean().item(),
+            "codebook_usage": batch_usage,
+            "lr": lr_scheduler.get_last_lr()[0],
+        }
+        initialise = step == max(args.quantizer_warmup_steps, 1)
+        restart = (
+            args.codebook_restart_steps
+            and step % args.codebook_restart_steps == 0
+            and args.quantizer_warmup_steps < step <= restart_until
+        )
+        if initialise or restart:
+            # the same latents and generator on every process keep the codebook replicas identical
+            latents = accelerator.gather(monitor.latents)
+            generator = torch.Generator().manual_seed(args.seed + step)
+            if initialise:
+                monitor.initialise_codebook(embedding, latents, generator, optimizer)
+            else:
+                logs["restarted_codes"] = monitor.restart_dead_codes(embedding, latents, generator, optimizer)
+        run.progress.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{batch_usage:.2f}")
+        accelerator.log(logs, step=step)
+        run.save_checkpoint_if_due()
+        if run.validation_due():
+            log_validation(accelerator.unwrap_model(model), validation_dataset, args, accelerator, step)
 
     accelerator.wait_for_everyone()
     metrics = None
     if accelerator.is_main_process:
         vqvae = accelerator.unwrap_model(model)
         metrics, examples = evaluate(vqvae, validation_dataset, args.train_batch_size, accelerator.device)
-        accelerator.log(metrics, step=global_step)
+        accelerator.log(metrics, step=run.global_step)
 
         def save(staging):
             vqvae.save_pretrained(staging / "vqvae")
             image_grid(examples).save(staging / "validation_reconstructions.png")
 
-        output.save(save)
+        run.output.save(save)
         accelerator.print(
-            f"Held-out reconstruction ({len(validation_dataset)} images): MSE {metrics['val/mse']:.6f}, "
-            f"PSNR {metrics['val/psnr']:.2f} dB, codebook usage {metrics['val/codebook_usage']:.1%} of "
-            f"{args.num_vq_embeddings} codes (perplexity {metrics['val/codebook_perplexity']:.1f})"
+            f"Held-out reconstruction ({len(validation_dataset)} images): MSE {metrics['val/mse']:.6f}, PSNR "
+            f"{metrics['val/psnr']:.2f} dB, codebook usage {metrics['val/codebook_usage']:.1%} of "
+            f"{args.num_vq_embeddings} codes (perplexity {metrics['val/codebook_perplexity']:.1f}). The VQ model is "
+            f"in {run.output_dir}/vqvae."
         )
-        accelerator.print(f"Saved the VQ model to {output_dir / 'vqvae'}")
-    accelerator.end_training()
-    output.release()
     return metrics
 
 

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import VQModel
 from diffusers.optimization import SchedulerType, get_scheduler
 from PIL import Image, ImageOps
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from .cli import (
     OutputLock,
@@ -64,9 +65,49 @@ TRAINING_STATE = "training_state"
 # ---------------------------------------------------------------------------------------------------- arguments
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, required: Sequence[str] = (), **defaults):
-    """The optimisation, output and checkpoint arguments of every training script; `defaults` sets each script's
-    own values (shown in `--help`), `required` names those it needs on the command line."""
+def training_parser(
+    description: str, data_help: str, captions: bool, held_out: Optional[str] = None
+) -> argparse.ArgumentParser:
+    """A training script's parser (its docstring as `description`), with the data arguments: `--train_data_dir`
+    (`data_help` says what it holds), `--resolution`, `--dataloader_num_workers`; with `captions`,
+    `--caption_column`; with `held_out` ("images", "pairs"), `--validation_data_dir` and
+    `--num_validation_<held_out>`. `add_common_arguments` adds the rest."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", type=str, required=True, help=data_help)
+    if captions:
+        data.add_argument("--caption_column", type=str, default="text", help="Caption key of metadata.jsonl lines.")
+    if held_out:
+        data.add_argument(
+            "--validation_data_dir",
+            type=str,
+            default=None,
+            help=f"Folder of held-out {held_out}. Default: hold out --num_validation_{held_out} of the training ones.",
+        )
+        data.add_argument(
+            f"--num_validation_{held_out}",
+            type=int,
+            default=64,
+            help=f"Number of {held_out} held out of --train_data_dir without --validation_data_dir (%(default)s).",
+        )
+    data.add_argument(
+        "--resolution", type=int, default=64, help="Images are resized (shorter side) and centre-cropped to it."
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Subprocesses that read the images.")
+    return parser
+    return parser
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    required: Sequence[str] = (),
+    overwrite: bool = False,
+    validation: bool = True,
+    **defaults,
+):
+    """The optimisation, output and checkpoint arguments of every training script (with `overwrite`,
+    `--overwrite_output_dir`; with `validation`, `--validation_steps`); `defaults` sets the script's own values (shown
+    in `--help`), `required` names those it needs on the command line. The other defaults are diffusers' scripts'."""
     optimisation = parser.add_argument_group("optimisation")
     optimisation.add_argument("--train_batch_size", type=int, help="Batch size per device (%(default)s).")
     optimisation.add_argument("--max_train_steps", type=int, help="Number of optimiser steps (%(default)s).")
@@ -114,8 +155,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, required: Sequence[str
         help='A checkpoint-STEP folder, or "latest": the newest complete checkpoint in --output_dir (a new run if '
         "there is none).",
     )
+    if overwrite:
+        output.add_argument(
+            "--overwrite_output_dir",
+            action="store_true",
+            help="Start a new run in a --output_dir that holds files already (its earlier checkpoints are removed; "
+            "other files are replaced only where this run writes the same names). Never a pipeline or model folder.",
+        )
+    if validation:
+        output.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (%(default)s).")
     add_debug_argument(parser)
-    parser.set_defaults(**{"max_grad_norm": None, "mixed_precision": None, **defaults})
+    base = dict(train_batch_size=16, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500)
+    base.update(adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0)
+    parser.set_defaults(**{**base, "mixed_precision": None, "checkpointing_steps": 500, **defaults})
     for action in parser._actions:
         if action.dest in required:
             action.required = True
@@ -131,8 +183,10 @@ def check_positive(args, names: Iterable[str]):
 
 
 def make_accelerator(args, **kwargs) -> Accelerator:
-    """The run's `Accelerator` (trackers and logs in `--output_dir`), with logging set up."""
+    """The run's `Accelerator` (trackers and logs in `--output_dir`; the data order of epoch `e` drawn from
+    `--seed` and `e`, so that a resumed run sees the batches an uninterrupted one would), with logging set up."""
     output_dir = Path(args.output_dir)
+    kwargs.setdefault("dataloader_config", DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     accelerator = Accelerator(
         gradient_accumulation_steps=getattr(args, "gradient_accumulation_steps", 1),
         mixed_precision=args.mixed_precision,
@@ -428,7 +482,7 @@ class TrainingOutput:
         self.overwrite_flag = overwrite_flag
         self.inputs, self.resuming, self.overwrite = tuple(inputs), resuming, overwrite
         self.writes_pipeline, self.ignore = writes_pipeline, {Path(p).resolve() for p in ignore}
-        self.lock = None
+        self.lock, self.started = None, False
 
     def check(self):
         kind = model_folder_kind(self.path) if self.path.is_dir() else None
@@ -457,7 +511,10 @@ class TrainingOutput:
 
     def start(self, accelerator: Accelerator):
         """Checks (every process), then the main process creates and locks the folder; a new run with `overwrite`
-        removes the checkpoints an earlier run left there."""
+        removes the checkpoints an earlier run left there. Once per run: a second call does nothing."""
+        if self.started:
+            return
+        self.started = True
         self.check()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -482,6 +539,146 @@ class TrainingOutput:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+class TrainingRun:
+    r"""
+    The skeleton the training scripts share: the accelerator, the checked and locked `--output_dir`, the checkpoint to
+    resume from, the epoch loop over a dataloader (a resumed run skips the batches it trained), optimiser steps,
+    checkpoints and the progress bar. Use it as a context manager: the folder's lock is released at the end.
+
+    Args:
+        args: the script's arguments (`add_common_arguments`).
+        inputs: the run's input paths (never inside `--output_dir`).
+        writes_pipeline (`bool`): the result is a pipeline folder (see `TrainingOutput`).
+        ignore: entries of `--output_dir` that do not make it "used".
+        accelerator_kwargs: more arguments of the `Accelerator`.
+    """
+
+    def __init__(self, args, inputs, writes_pipeline=False, ignore=(), **accelerator_kwargs):
+        self.args = args
+        self.accelerator = make_accelerator(args, **accelerator_kwargs)
+        set_seed(args.seed)  # the initialisation of new models
+        self.checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, Path(args.output_dir))
+        overwrite = getattr(args, "overwrite_output_dir", False)
+        self.output = TrainingOutput(
+            args.output_dir,
+            inputs,
+            resuming=self.checkpoint is not None,
+            # a component script asked to resume may start in a used folder (not a model folder) without checkpoints
+            overwrite=overwrite or (args.resume_from_checkpoint is not None and not writes_pipeline),
+            writes_pipeline=writes_pipeline,
+            ignore=ignore,
+            overwrite_flag="--overwrite_output_dir" if hasattr(args, "overwrite_output_dir") else None,
+        )
+        self.output_dir = self.output.path
+        self.global_step, self.last_checkpoint = 0, None
+        self.before_checkpoint = []  # callables every process runs before a checkpoint is written
+        self.progress = None
+
+    def __enter__(self):
+        self.output.check()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if self.progress is not None:
+            self.progress.close()
+        if exc_type is None:
+            self.accelerator.end_training()
+        self.output.release()
+
+    def dataloader(self, dataset, **kwargs) -> torch.utils.data.DataLoader:
+        """Shuffled batches of `--train_batch_size` (a last short batch only when it is the only one); once
+        prepared, the order of each epoch comes from `--seed` and the epoch."""
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.args.train_batch_size,
+            shuffle=True,
+            drop_last=len(dataset) >= self.args.train_batch_size,
+            num_workers=self.args.dataloader_num_workers,
+            **kwargs,
+        )
+
+    def prepare(self, model: torch.nn.Module, dataset):
+        """AdamW on the trainable parameters of `model` (`make_optimizer`), batches of `dataset`
+        (`dataloader`), all prepared by accelerate: `(model, optimizer, dataloader, lr_scheduler)`."""
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer, lr_scheduler = make_optimizer(self.args, trainable, self.accelerator)
+        return self.accelerator.prepare(model, optimizer, self.dataloader(dataset), lr_scheduler)
+
+    def start(self, name: str, describe: Dict[str, str], **state) -> int:
+        """After `accelerator.prepare`: registers the objects of `state` for checkpoints (JSON and safetensors),
+        locks the folder, starts the trackers, loads the checkpoint, logs `describe`. Returns the step to continue
+        from."""
+        args, accelerator = self.args, self.accelerator
+        register_training_state(accelerator, **state)
+        self.output.start(accelerator)
+        if accelerator.is_main_process:
+            accelerator.init_trackers(name, config=tracker_config(args))
+        total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        logger.info("***** Running training *****")
+        for what, value in {**describe, "Total batch size (parallel, accumulation)": total_batch_size}.items():
+            logger.info(f"  {what} = {value}")
+        logger.info(f"  Optimisation steps = {args.max_train_steps}")
+        if self.checkpoint is not None:
+            accelerator.print(f"Resuming from checkpoint {self.checkpoint}")
+            accelerator.load_state(str(self.checkpoint))
+            self.global_step = self.last_checkpoint = checkpoint_step(self.checkpoint)
+        self.progress = tqdm(
+            total=args.max_train_steps,
+            initial=self.global_step,
+            desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        return self.global_step
+
+    def batches(self, dataloader):
+        """The batches left, epoch after epoch (a resumed run's first epoch skips those it trained), until
+        `--max_train_steps` optimiser steps are done."""
+        args, accelerator = self.args, self.accelerator
+        steps_per_epoch, epochs = num_epochs(args.max_train_steps, len(dataloader), args.gradient_accumulation_steps)
+        first_epoch, skip = resume_position(self.global_step, steps_per_epoch, args.gradient_accumulation_steps)
+        for epoch in range(first_epoch, epochs):
+            dataloader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(dataloader, skip) if epoch == first_epoch and skip else dataloader
+            for batch in batches:
+                if self.global_step >= args.max_train_steps:
+                    return
+                yield batch
+
+    def optimizer_step(self, model, loss, optimizer, lr_scheduler):
+        """Backward, clipping to `--max_grad_norm` (when set, on the steps that update), the optimiser and
+        scheduler steps; inside `accelerator.accumulate(model)`."""
+        self.accelerator.backward(loss)
+        if self.args.max_grad_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step_done(self) -> bool:
+        """After a batch: whether it completed an optimiser step (then counted)."""
+        if not self.accelerator.sync_gradients:
+            return False
+        self.global_step += 1
+        self.progress.update(1)
+        return True
+
+    def save_checkpoint(self):
+        """`checkpoint-<step>` of the current step (every process calls it)."""
+        for prepare in self.before_checkpoint:
+            prepare()
+        save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.args.checkpoints_total_limit)
+        self.last_checkpoint = self.global_step
+
+    def save_checkpoint_if_due(self, final: bool = False):
+        """A checkpoint every `--checkpointing_steps` steps, and with `final` at the end of the run if the last step
+        has none yet."""
+        if self.global_step % self.args.checkpointing_steps == 0 or final and self.last_checkpoint != self.global_step:
+            self.save_checkpoint()
+
+    def validation_due(self) -> bool:
+        return self.global_step % self.args.validation_steps == 0 and self.accelerator.is_main_process
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
