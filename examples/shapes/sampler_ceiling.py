@@ -64,20 +64,26 @@ def decode(vqvae: VQModel, ids: torch.LongTensor) -> PIL.Image.Image:
     return PIL.Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
+def oracle_logits(candidates: torch.LongTensor, ids: torch.LongTensor, mask_token_id: int) -> torch.Tensor:
+    """`(1, L, K)` log-marginals of the `candidates` `(C, L)` that agree most with the visible tokens of `ids` `(L,)`
+    (every candidate that agrees with all of them, when one does)."""
+    visible = ids != mask_token_id
+    agreement = (candidates[:, visible] == ids[visible]).sum(1)
+    weights = (agreement == agreement.max()).float()
+    one_hot = torch.nn.functional.one_hot(candidates, mask_token_id).float()  # (C, L, K)
+    marginals = torch.einsum("c,clk->lk", weights, one_hot) / weights.sum()
+    return torch.log(marginals + 1e-6)[None]
+
+
 def oracle_sample(
     candidates: torch.LongTensor, scheduler: MaskedTokenScheduler, num_steps: int, generator: torch.Generator
 ) -> torch.LongTensor:
-    """Samples one `(L,)` grid with `scheduler`, the marginals of the agreeing `candidates` `(C, L)` as the model."""
+    """Samples one `(L,)` grid with `scheduler`, the oracle's marginals standing in for the transformer's logits."""
     mask_id = scheduler.config.mask_token_id
-    one_hot = torch.nn.functional.one_hot(candidates, mask_id).float()  # (C, L, K)
     ids = torch.full((1, candidates.shape[1]), mask_id, dtype=torch.long)
     scheduler.set_timesteps(num_steps)
     for step in scheduler.timesteps:
-        visible = ids[0] != mask_id
-        agreement = (candidates[:, visible] == ids[0, visible]).sum(1)
-        weights = (agreement == agreement.max()).float()
-        marginals = torch.einsum("c,clk->lk", weights, one_hot) / weights.sum()
-        ids = scheduler.step(torch.log(marginals + 1e-6)[None], step, ids, generator=generator).prev_sample
+        ids = scheduler.step(oracle_logits(candidates, ids[0], mask_id), step, ids, generator=generator).prev_sample
     return ids[0]
 
 
