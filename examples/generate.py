@@ -8,51 +8,47 @@
 Writes into --output-dir only: `image_00.png`, `image_01.png`, ... (numbered; `images.json` maps each file to its
 prompt or class and seed), `grid.png` (the images with their prompts written underneath) and, for the first image,
 `reveal.gif` and `reveal_strip.png` (the tokens appearing step by step, decoded after each step). Existing files of
-these names are refused before anything is generated, unless --overwrite.
+these names are refused before anything is generated, unless --overwrite, which also removes the `image_*.png` of an
+earlier run that this one does not write again. The files go to a staging folder first and are moved into place when
+all are there; a second run into the same folder is refused while one runs. --output-dir may not hold the model.
+Errors are one line (--debug shows the traceback).
 """
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 from enat_diffusers import ENATPipeline
+from enat_diffusers.utils.cli import (
+    OutputFolder,
+    add_debug_argument,
+    load_pipeline,
+    report_errors,
+    resolve_device,
+)
 from enat_diffusers.visualization import RevealRecorder, captioned_grid, reveal_strip, save_gif
 
 
-def output_paths(output_dir: Path, num_images: int) -> dict:
-    paths = {f"image_{i:02d}": output_dir / f"image_{i:02d}.png" for i in range(num_images)}
-    paths.update(
-        index=output_dir / "images.json",
-        grid=output_dir / "grid.png",
-        gif=output_dir / "reveal.gif",
-        strip=output_dir / "reveal_strip.png",
-    )
-    return paths
+# what a run writes: the images (as many as asked), their index, the grid and the reveal of the first image
+OUTPUT_KINDS = ("image_*.png", "images.json", "grid.png", "reveal.gif", "reveal_strip.png")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with report_errors(args.debug):
+        generate(args)
+
+
+def generate(args):
     conditions = args.prompt if args.prompt else args.class_labels
     num_images = len(conditions) * args.num_images_per_prompt
-    output_dir = Path(args.output_dir)
-    paths = output_paths(output_dir, num_images)
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing and not args.overwrite:
-        sys.exit(
-            f"error: {existing[0]} exists; pass --overwrite (replaces only the files listed in --help) "
-            "or another --output-dir"
-        )
-    if output_dir.exists() and not output_dir.is_dir():
-        sys.exit(f"error: --output-dir {output_dir} is a file")
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = ENATPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
-    seeds = [args.seed + i for i in range(num_images)]
-    recorder = RevealRecorder()
-    try:
+    device = resolve_device(args.device)
+    # checked, locked and staged before the model is loaded; written into place only when everything is there
+    with OutputFolder(args.output_dir, OUTPUT_KINDS, [args.model], args.overwrite, "--output-dir") as output:
+        pipe = load_pipeline(ENATPipeline, args.model, dtype=getattr(torch, args.dtype)).to(device)
+        seeds = [args.seed + i for i in range(num_images)]
+        recorder = RevealRecorder()
         images = pipe(
             prompt=args.prompt,
             class_labels=args.class_labels,
@@ -65,25 +61,31 @@ def main(argv=None):
             generator=[torch.Generator().manual_seed(seed) for seed in seeds],
             callback_on_step_end=recorder,
         ).images
-    except (ValueError, TypeError) as error:
-        sys.exit(f"error: {error}")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    labels = [str(c) for c in conditions for _ in range(args.num_images_per_prompt)]
-    if args.class_labels is not None and pipe.config.id2label:
-        labels = [f"{c}: {pipe.config.id2label[int(c)]}" for c in labels]
-    index = []
-    for i, (image, label, seed) in enumerate(zip(images, labels, seeds)):
-        image.save(paths[f"image_{i:02d}"])
-        index.append({"file": paths[f"image_{i:02d}"].name, "condition": label, "seed": seed})
-    paths["index"].write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    captioned_grid(images, labels, columns=min(4, len(images))).save(paths["grid"])
-    frames = recorder.frames(pipe)
-    save_gif(frames, paths["gif"])
-    reveal_strip(frames).save(paths["strip"])
+        labels = [str(c) for c in conditions for _ in range(args.num_images_per_prompt)]
+        if args.class_labels is not None and pipe.config.id2label:
+            labels = [f"{c}: {pipe.config.id2label[int(c)]}" for c in labels]
+        index = []
+        for i, (image, label, seed) in enumerate(zip(images, labels, seeds)):
+            image.save(output.path(f"image_{i:02d}.png"))
+            index.append({"file": f"image_{i:02d}.png", "condition": label, "seed": seed})
+        text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+        output.path("images.json").write_text(text, encoding="utf-8", errors="backslashreplace")
+        captioned_grid(images, labels, columns=min(4, len(images))).save(output.path("grid.png"))
+        frames = recorder.frames(pipe)
+        save_gif(frames, output.path("reveal.gif"))
+        reveal_strip(frames).save(output.path("reveal_strip.png"))
+    output_dir = output.folder
     print(f"wrote {num_images} images ({images[0].width}x{images[0].height}) to {output_dir}/image_*.png")
-    print(f"  grid with prompts:        {paths['grid']}")
-    print(f"  reveal of '{labels[0]}': {paths['gif']} and {paths['strip']}")
+    print(f"  grid with prompts:        {output_dir / 'grid.png'}")
+    print(f"  reveal of {labels[0]!r}: {output_dir / 'reveal.gif'} and {output_dir / 'reveal_strip.png'}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def parse_args(argv=None):
@@ -97,12 +99,15 @@ def parse_args(argv=None):
     parser.add_argument("--mask-temperature", type=float, default=None, help="default: the model's setting")
     parser.add_argument("--sampling-temperature", type=float, default=None, help="default: the model's setting")
     parser.add_argument("--no-reuse", action="store_true", help="re-encode every visible token at every step")
-    parser.add_argument("--num-images-per-prompt", type=int, default=1)
+    parser.add_argument("--num-images-per-prompt", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--output-dir", default="samples")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing files of the names above")
+    parser.add_argument("--output-dir", default="samples", help="never the model folder or one holding it")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the files of the names above (and earlier image_*.png)"
+    )
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 

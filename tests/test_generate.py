@@ -1,7 +1,10 @@
 """examples/generate.py: files named safely, written only into --output-dir, existing files checked first."""
 
+import errno
 import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -9,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, call_main, tiny_class_pipeline, tiny_text_pipeline
 
+from enat_diffusers.utils.cli import OutputLock
 from enat_diffusers.visualization import RevealRecorder, captioned_grid
 
 
@@ -89,3 +93,104 @@ def test_captioned_grid_layout():
     assert grid.width == 2 * (32 + 6) + 6 and grid.height > 2 * 32
     with pytest.raises(ValueError, match="one caption per image"):
         captioned_grid(images, ["one"])
+
+
+# ------------------------------------------------------------------------------------ the output-folder policy
+
+
+def one_error_line(stderr: str) -> bool:
+    """The error is one line at the end (progress bars may come before it), with no traceback."""
+    lines = stderr.strip().splitlines()
+    return "Traceback" not in stderr and lines[-1].startswith("error: ") and sum("error" in x for x in lines) == 1
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_overwrite_leaves_no_stale_images(tmp_path, text_model, monkeypatch):
+    args = ("--model", text_model, "--steps", 2, "--output-dir", "out", "--overwrite")
+    assert generate_here(*args, "--prompt", "a", "b", "c", cwd=tmp_path, monkeypatch=monkeypatch)[0] == 0
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    code, stderr = generate_here(*args, "--prompt", "d", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    index = json.loads((out / "images.json").read_text())
+    assert [entry["file"] for entry in index] == sorted(p.name for p in out.glob("image_*.png")) == ["image_00.png"]
+    assert (out / "notes.txt").read_text() == "mine"  # not a file of this tool: kept
+    assert listing(out) == ["grid.png", "image_00.png", "images.json", "notes.txt", "reveal.gif", "reveal_strip.png"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, text_model, monkeypatch):
+    out = tmp_path / "out"
+    with OutputLock(out, "--output-dir out"):  # a run that is writing there now
+        code, stderr = generate_here("--model", text_model, "--prompt", "a", "--output-dir", out, "--steps", 2,
+                                     cwd=tmp_path, monkeypatch=monkeypatch)  # fmt: skip
+        assert code == 1 and "another run (process" in stderr and "is writing into --output-dir" in stderr
+        assert listing(out) == [".enat-diffusers.lock"]
+    assert listing(out) == []
+
+
+def test_the_model_folder_is_never_the_output(tmp_path, text_model, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(text_model, model)
+    (model / "image_00.png").write_bytes(b"the model card's picture")
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    for output_dir in (model, tmp_path):  # the model folder, and a folder holding it
+        code, stderr = generate_here("--model", model, "--prompt", "a", "--output-dir", output_dir, "--overwrite",
+                                     cwd=tmp_path, monkeypatch=monkeypatch)  # fmt: skip
+        assert code == 1 and "the input" in stderr and "an output folder may never hold a run's inputs" in stderr
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("not a pipeline", "is not a pipeline folder: it has no model_index.json"),
+        ("a component", "it looks like one component of a pipeline: pass its parent folder"),
+        ("a string size", "config.json: hidden_size must be an integer, got '128'"),
+        ("cuda", "--device cuda: CUDA is not available"),
+    ],
+)
+def test_unusable_models_and_devices_are_one_line(tmp_path, text_model, monkeypatch, problem, message):
+    if problem == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model = tmp_path / "model"
+    shutil.copytree(text_model, model)
+    args = ["--model", model, "--prompt", "a", "--output-dir", tmp_path / "out"]
+    if problem == "not a pipeline":
+        (model / "model_index.json").unlink()
+    elif problem == "a component":
+        args[1] = model / "transformer"
+    elif problem == "a string size":
+        config = json.loads((model / "transformer" / "config.json").read_text())
+        (model / "transformer" / "config.json").write_text(json.dumps({**config, "hidden_size": "128"}))
+    else:
+        args += ["--device", "cuda"]
+    code, stderr = generate_here(*args, cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 1 and one_error_line(stderr) and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_folders_fail_before_the_work(tmp_path, monkeypatch):
+    """Checked before the model is loaded: with a folder that is no pipeline as --model, the error is the output's."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "not-a-model").mkdir()
+    cases = [(tmp_path / "file" / "out", "cannot be created: "), (tmp_path / "file", "exists and is a file")]
+    if Path("/proc/self").is_dir():  # a read-only file system for everyone, root included
+        cases.append((Path("/proc/enat-out"), "cannot be written (in /proc)"))
+    for output_dir, message in cases:
+        code, stderr = generate_here("--model", tmp_path / "not-a-model", "--prompt", "a", "--output-dir", output_dir,
+                                     cwd=tmp_path, monkeypatch=monkeypatch)  # fmt: skip
+        assert code == 1 and message in stderr and "not a pipeline" not in stderr, stderr
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, text_model, monkeypatch):
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else "")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", no_space)
+    code, stderr = generate_here("--model", text_model, "--prompt", "a", "--steps", 2, "--output-dir", "out",
+                                 cwd=tmp_path, monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 1 and "No space left on device" in stderr and "(the disk is full)" in stderr
+    assert one_error_line(stderr) and not (tmp_path / "out").exists()

@@ -297,7 +297,8 @@ def write_file_atomically(path: PathLike, write: Callable[[Path], None]):
     """`write(temporary_path)` next to `path`, then a rename onto it: an interrupted run never leaves a partial
     file, and a reader sees the old file or the new one."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.absolute().parent)
+    # the temporary name keeps the suffix: numpy's savers append theirs to a name without it
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.absolute().parent)
     os.close(handle)
     try:
         write(Path(temporary))
