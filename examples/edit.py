@@ -14,25 +14,29 @@ RIGHT BOTTOM pixels), pads it and regenerates the border.
 
 Writes into --output-dir only: `before.png` (the pipeline's input), `mask.png` (white: the tokens regenerated, at
 token resolution; for img2img, the tokens whose id changed), `after.png` and `side_by_side.png` (before | mask |
-after). Existing files of these names are refused before anything runs, unless --overwrite.
+after). Existing files of these names are refused before anything runs, unless --overwrite. --output-dir may not hold
+the inputs (--image, --mask, the model); the files are staged and moved into place together, and a second run into
+the same folder is refused while one runs. Errors are one line (--debug shows the traceback).
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 
 from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, box_mask, outpaint_inputs
+from enat_diffusers.utils.cli import (
+    OutputFolder,
+    add_debug_argument,
+    load_pipeline,
+    open_image,
+    report_errors,
+    resolve_device,
+)
 
 
-OUTPUT_NAMES = ("before", "mask", "after", "side_by_side")
-
-
-def output_paths(output_dir: Path) -> dict:
-    return {name: output_dir / f"{name}.png" for name in OUTPUT_NAMES}
+OUTPUT_NAMES = ("before.png", "mask.png", "after.png", "side_by_side.png")
 
 
 def side_by_side(images, gap: int = 4) -> PIL.Image.Image:
@@ -61,40 +65,32 @@ def fit(image: PIL.Image.Image, size: int, what: str, resample) -> PIL.Image.Ima
 
 def main(argv=None):
     args = parse_args(argv)
-    output_dir = Path(args.output_dir)
-    paths = output_paths(output_dir)
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing and not args.overwrite:
-        sys.exit(
-            f"error: {existing[0]} exists; pass --overwrite (replaces only the files listed in --help) or another "
-            "--output-dir"
+    with report_errors(args.debug):
+        edit(args)
+
+
+def edit(args):
+    device = resolve_device(args.device)
+    inputs = [args.model, args.image, getattr(args, "mask", None)]
+    with OutputFolder(args.output_dir, OUTPUT_NAMES, inputs, args.overwrite, "--output-dir") as output:
+        image = open_image(args.image, "--image")
+        mask = open_image(args.mask, "--mask", mode="L") if getattr(args, "mask", None) else None
+        pipeline_class = ENATImg2ImgPipeline if args.command == "img2img" else ENATInpaintPipeline
+        pipe = load_pipeline(pipeline_class, args.model, dtype=getattr(torch, args.dtype)).to(device)
+        size, factor = pipe.image_size, pipe.vae_scale_factor
+
+        sampling = dict(
+            prompt=args.prompt,
+            class_labels=args.class_labels,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            mask_temperature=args.mask_temperature,
+            sampling_temperature=args.sampling_temperature,
+            reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="latent",
         )
-    if output_dir.exists() and not output_dir.is_dir():
-        sys.exit(f"error: --output-dir {output_dir} is a file")
-    try:
-        image = PIL.Image.open(args.image).convert("RGB")
-        mask = PIL.Image.open(args.mask).convert("L") if getattr(args, "mask", None) else None
-    except OSError as error:
-        sys.exit(f"error: cannot read an image: {error}")
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline_class = ENATImg2ImgPipeline if args.command == "img2img" else ENATInpaintPipeline
-    pipe = pipeline_class.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
-    size, factor = pipe.image_size, pipe.vae_scale_factor
-
-    sampling = dict(
-        prompt=args.prompt,
-        class_labels=args.class_labels,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        mask_temperature=args.mask_temperature,
-        sampling_temperature=args.sampling_temperature,
-        reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="latent",
-    )
-    try:
         if args.command == "outpaint":
             image, mask = outpaint_inputs(image, *args.pad, size=(size, size))
         else:
@@ -107,19 +103,16 @@ def main(argv=None):
         else:
             ids = pipe(image=image, mask_image=mask, **sampling).images
             regenerated = pipe.get_token_mask(mask)[0]
-    except (ValueError, TypeError) as error:
-        sys.exit(f"error: {error}")
-    with torch.no_grad():
-        after = pipe.decode_tokens(ids, "pil")[0]
-    mask_image = token_mask_image(regenerated, factor)
+        with torch.no_grad():
+            after = pipe.decode_tokens(ids, "pil")[0]
+        mask_image = token_mask_image(regenerated, factor)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    image.save(paths["before"])
-    mask_image.save(paths["mask"])
-    after.save(paths["after"])
-    side_by_side([image, mask_image, after]).save(paths["side_by_side"])
+        image.save(output.path("before.png"))
+        mask_image.save(output.path("mask.png"))
+        after.save(output.path("after.png"))
+        side_by_side([image, mask_image, after]).save(output.path("side_by_side.png"))
     print(f"{args.command}: {int(regenerated.sum())} of {regenerated.numel()} tokens regenerated/changed")
-    print(f"wrote {', '.join(str(path) for path in paths.values())}")
+    print(f"wrote {', '.join(str(output.folder / name) for name in OUTPUT_NAMES)}")
 
 
 def parse_args(argv=None):
@@ -138,8 +131,9 @@ def parse_args(argv=None):
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    common.add_argument("--output-dir", default="edits")
+    common.add_argument("--output-dir", default="edits", help="never a folder holding the inputs")
     common.add_argument("--overwrite", action="store_true", help="replace existing files of the names above")
+    add_debug_argument(common)
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
