@@ -43,8 +43,8 @@ def test_a_tokenizer_whose_reconstructions_fail_shapes_eval_stops(validation, tm
         broken.quantize.embedding.weight[:] = broken.quantize.embedding.weight[0]
     broken.save_pretrained(tmp_path / "broken")
     code, err = call_main(
-        tokenizer_report.main, "--vqvae", tmp_path / "broken", "--data", validation, "--num-images", 40, "--num-pairs", 10,
-        "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
+        tokenizer_report.main, "--vqvae", tmp_path / "broken", "--data", validation, "--num-images", 40,
+        "--num-pairs", 10, "--min-shapes-eval", 95, "--json", tmp_path / "report.json",
     )  # fmt: skip
     assert code == 1
     assert "of the reconstructions pass ShapesEval (required: 95 %)" in err

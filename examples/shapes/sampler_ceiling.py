@@ -13,20 +13,25 @@ as it does for the transformer. The final grid is decoded by the VQ model and ch
 
 Reported per step count: ShapesEval accuracy (seen prompts) and how often the final grid is exactly one candidate's.
 A trained pipeline far below this ceiling is limited by its transformer, not by its tokenizer or sampler.
+
+`--hybrid K [K ...]` also samples with the pipeline's transformer (its guidance, no feature reuse): alone, for the
+first K steps with the oracle after them, and after K oracle steps. It tells which steps the transformer gets wrong:
+the layout it draws from the caption in the first steps, or the completion of a partly revealed grid in the last.
 """
 
 import argparse
 import itertools
 import json
 import random
-from typing import List, Sequence
+from collections import defaultdict
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import VQModel
 
-from enat_diffusers import MaskedTokenScheduler
+from enat_diffusers import ENATPipeline, MaskedTokenScheduler
 from enat_diffusers.data.shapes import JITTER, ShapeObject, parse_caption, render_scene
 from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts
 
@@ -75,16 +80,42 @@ def oracle_logits(candidates: torch.LongTensor, ids: torch.LongTensor, mask_toke
     return torch.log(marginals + 1e-6)[None]
 
 
-def oracle_sample(
-    candidates: torch.LongTensor, scheduler: MaskedTokenScheduler, num_steps: int, generator: torch.Generator
+def sample(
+    candidates: torch.LongTensor,
+    scheduler: MaskedTokenScheduler,
+    num_steps: int,
+    generator: torch.Generator,
+    transformer_logits: Optional[Callable[[int, torch.LongTensor], torch.Tensor]] = None,
+    transformer_steps: Sequence[int] = (),
 ) -> torch.LongTensor:
-    """Samples one `(L,)` grid with `scheduler`, the oracle's marginals standing in for the transformer's logits."""
+    """Samples one `(L,)` grid with `scheduler`: the oracle's marginals stand in for the transformer's logits, except
+    at `transformer_steps`, where `transformer_logits(step, ids)` gives them."""
     mask_id = scheduler.config.mask_token_id
     ids = torch.full((1, candidates.shape[1]), mask_id, dtype=torch.long)
     scheduler.set_timesteps(num_steps)
     for step in scheduler.timesteps:
-        ids = scheduler.step(oracle_logits(candidates, ids[0], mask_id), step, ids, generator=generator).prev_sample
+        if int(step) in transformer_steps:
+            logits = transformer_logits(int(step), ids)
+        else:
+            logits = oracle_logits(candidates, ids[0], mask_id)
+        ids = scheduler.step(logits, step, ids, generator=generator).prev_sample
     return ids[0]
+
+
+def guided_logits(pipe: ENATPipeline, caption: str) -> Callable[[int, torch.LongTensor], torch.Tensor]:
+    """The pipeline's guided logits for `caption` at a step (ENAT's `cond + s * (cond - uncond)`, no reuse)."""
+    embeds, pooled, negative_embeds, negative_pooled = pipe.encode_prompt(caption, do_classifier_free_guidance=True)
+    condition = dict(
+        encoder_hidden_states=torch.cat([embeds, negative_embeds]),
+        pooled_text_embeds=torch.cat([pooled, negative_pooled]),
+    )
+
+    @torch.inference_mode()
+    def logits(step: int, ids: torch.LongTensor) -> torch.Tensor:
+        cond, uncond = pipe.transformer(torch.cat([ids, ids]), return_dict=False, **condition)[0].float().chunk(2)
+        return cond + pipe.scheduler.step_guidance_scales[step] * (cond - uncond)
+
+    return logits
 
 
 def main(argv=None):
@@ -93,37 +124,50 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=int, default=100, help="seen validation prompts (evaluation_prompts)")
     parser.add_argument("--steps", type=int, nargs="+", default=[8], help="decoding step counts to measure")
     parser.add_argument("--max-candidates", type=int, default=400, help="jitter combinations per two-object caption")
+    parser.add_argument("--hybrid", type=int, nargs="*", default=[], help="also mix in the transformer (see above)")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.num_prompts < 1 or any(steps < 1 for steps in args.steps):
+        parser.error("--num-prompts and --steps must be positive")
+    if any(not 0 < k < max(args.steps) for k in args.hybrid):
+        parser.error(f"every --hybrid K must lie between 0 and the step count, got {args.hybrid}")
 
-    vqvae = VQModel.from_pretrained(args.model, subfolder="vqvae").eval()
-    scheduler = MaskedTokenScheduler.from_pretrained(args.model, subfolder="scheduler")
+    pipe = ENATPipeline.from_pretrained(args.model) if args.hybrid else None
+    vqvae = pipe.vqvae if pipe else VQModel.from_pretrained(args.model, subfolder="vqvae")
+    scheduler = pipe.scheduler if pipe else MaskedTokenScheduler.from_pretrained(args.model, subfolder="scheduler")
     if scheduler.config.mask_token_id != vqvae.config.num_vq_embeddings:
         raise SystemExit("error: the scheduler's mask id is not the VQ model's codebook size")
+    runs = {}  # name -> (step count, transformer steps)
+    for steps in args.steps:
+        runs[f"oracle, {steps} steps"] = (steps, ())
+        if args.hybrid:
+            runs[f"transformer, {steps} steps"] = (steps, tuple(range(steps)))
+        for k in (k for k in args.hybrid if k < steps):
+            runs[f"transformer for {k} then oracle, {steps} steps"] = (steps, tuple(range(k)))
+            runs[f"oracle for {k} then transformer, {steps} steps"] = (steps, tuple(range(k, steps)))
+
     evaluator = ShapesEval()
-    correct = {steps: [] for steps in args.steps}
-    exact = {steps: [] for steps in args.steps}
+    correct, exact = defaultdict(list), defaultdict(list)
     for index, caption in enumerate(evaluation_prompts(args.num_prompts)):
         candidates = tokenise(vqvae, candidate_scenes(caption, args.max_candidates, seed=index))
-        for steps in args.steps:
-            ids = oracle_sample(candidates, scheduler, steps, torch.Generator().manual_seed(index))
-            exact[steps].append(bool((candidates == ids).all(1).any()))
-            correct[steps].append(evaluator.check(decode(vqvae, ids), caption)["correct"])
+        logits = guided_logits(pipe, caption) if pipe else None
+        for name, (steps, transformer_steps) in runs.items():
+            generator = torch.Generator().manual_seed(index)
+            ids = sample(candidates, scheduler, steps, generator, logits, transformer_steps)
+            exact[name].append(bool((candidates == ids).all(1).any()))
+            correct[name].append(evaluator.check(decode(vqvae, ids), caption)["correct"])
     numbers = {
-        str(steps): {
-            "shapes_eval": 100 * float(np.mean(correct[steps])),
-            "exact_grid": 100 * float(np.mean(exact[steps])),
-        }
-        for steps in args.steps
+        name: {"shapes_eval": 100 * float(np.mean(correct[name])), "exact_grid": 100 * float(np.mean(exact[name]))}
+        for name in runs
     }
-    print(f"{args.model}: a perfect transformer with this tokenizer and sampler, {args.num_prompts} seen prompts")
-    for steps, row in numbers.items():
-        print(
-            f"  {steps:>2} steps: ShapesEval {row['shapes_eval']:5.1f} %, final grid is a real tokenisation {row['exact_grid']:5.1f} %"
-        )
+    print(
+        f"{args.model}, {args.num_prompts} seen prompts: ShapesEval; how often the final grid is a real one"
+    )
+    for name, row in numbers.items():
+        print(f"  {name:<42} {row['shapes_eval']:5.1f} %  {row['exact_grid']:5.1f} %")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "num_prompts": args.num_prompts, "steps": numbers}, f, indent=1)
+            json.dump({"model": args.model, "num_prompts": args.num_prompts, "runs": numbers}, f, indent=1)
 
 
 if __name__ == "__main__":

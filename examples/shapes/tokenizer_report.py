@@ -31,7 +31,7 @@ import PIL.Image
 import torch
 from diffusers import VQModel
 
-from enat_diffusers.data.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, JITTER, ShapeObject, render_scene
+from enat_diffusers.data.shapes import BACKGROUND, COLOURS, JITTER, SHAPES, SIZES, ShapeObject, render_scene
 from enat_diffusers.evaluation.shapes import ShapesEval
 
 
@@ -60,7 +60,10 @@ def locality(vqvae: VQModel, num_pairs: int, seed: int = 0) -> dict:
         jitter = rng.integers(-JITTER, JITTER + 1, size=2)
         x, y = {"left": (16, 32), "right": (48, 32)}[position]
         return ShapeObject(
-            str(rng.choice(SHAPES)), str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))), position,
+            str(rng.choice(SHAPES)),
+            str(rng.choice(list(SIZES))),
+            str(rng.choice(list(COLOURS))),
+            position,
             (x + int(jitter[0]), y + int(jitter[1])),
         )
 
