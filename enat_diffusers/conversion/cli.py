@@ -15,20 +15,16 @@ encoder/decoder split) is read from the checkpoint shapes.
 
 `--overwrite` replaces an existing output folder only once the new one is complete (old folder renamed aside, new
 one moved in, old one deleted), and refuses an output folder that is, or contains, the current directory or an input
-checkpoint.
+checkpoint. Errors are one line (`--debug` shows the traceback). Also runs as `python -m enat_diffusers.conversion`.
 """
 
 import argparse
-import os
-import shutil
-import signal
-import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..utils import cli as cli_utils
+from ..utils.cli import add_debug_argument, report_errors, sigterm_as_interrupt, write_atomically  # noqa: F401
 from .checkpoints import (
     DTYPES,
     PRESETS,
@@ -57,6 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", required=True, help="folder to create")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir (see above)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     custom = args.num_attention_heads is not None or args.num_encoder_layers is not None
     if args.preset and custom:
@@ -69,7 +66,9 @@ def parse_args(argv=None):
 
 
 def check_output_dir(output_dir: Path, inputs, overwrite: bool):
-    """Refuses output folders whose replacement could destroy something the user did not ask to replace."""
+    """Refuses output folders whose replacement could destroy something the user did not ask to replace: an existing
+    folder without `overwrite`, the current directory or one holding it, a folder holding an input; and those the
+    shared policy refuses (a file, under a file, not writable)."""
     target = output_dir.resolve()
     if output_dir.exists() or output_dir.is_symlink():
         if not overwrite:
@@ -81,56 +80,8 @@ def check_output_dir(output_dir: Path, inputs, overwrite: bool):
             raise CheckpointError(
                 f"--output-dir {output_dir} is or contains the current directory; refusing to replace it"
             )
-        for path in inputs:
-            resolved = Path(path).resolve()
-            if target == resolved or target in resolved.parents:
-                raise CheckpointError(f"--output-dir {output_dir} contains the input {path}; refusing to replace it")
-    parent = target.parent
-    if parent.exists() and not parent.is_dir():
-        raise CheckpointError(f"cannot create {output_dir}: {parent} is a file, not a folder")
-    existing = next(p for p in [parent, *parent.parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot create {output_dir}: {existing} is not writable")
-
-
-@contextmanager
-def sigterm_as_interrupt():
-    """Turns SIGTERM into KeyboardInterrupt while saving, so that the staging folder is cleaned up as on Ctrl-C."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def write_atomically(output_dir: Path, save):
-    """Calls `save(staging_dir)`, then moves the result to `output_dir`; an existing folder is deleted only after the
-    new one is in place. Folders get the permissions of the user's umask."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    with sigterm_as_interrupt():
-        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-        old = None
-        try:
-            os.chmod(staging, 0o777 & ~umask)
-            save(staging)
-            if output_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
-                old.rmdir()
-                output_dir.rename(old)
-            staging.rename(output_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if old is not None and not output_dir.exists():
-                old.rename(output_dir)  # put the previous folder back
-            raise
-    if old is not None:
-        shutil.rmtree(old)
+    # replacing a pipeline folder is this tool's job (with --overwrite)
+    cli_utils.check_output_dir(output_dir, inputs, "--output-dir", allow_model_folder=True)
 
 
 def main(argv=None):
@@ -141,26 +92,28 @@ def main(argv=None):
     encoder_layers = preset.get("num_encoder_layers", args.num_encoder_layers)
     inputs = [p for p in (args.transformer_checkpoint, args.vqgan_checkpoint) if p]
 
-    try:
-        check_output_dir(output_dir, inputs, args.overwrite)
-        original = load_original_checkpoint(args.transformer_checkpoint)
-        family = "autonat" if is_autonat_checkpoint(original) else "enat"
-        if preset and preset["family"] != family:
-            raise CheckpointError(
-                f"preset {args.preset} is for {preset['family'].upper()} checkpoints, but "
-                f"{args.transformer_checkpoint} is an {family.upper()} checkpoint"
-            )
-        transformer = build_transformer(original, heads, encoder_layers)
-        if preset and transformer.config.sample_size != preset["sample_size"]:
-            side = transformer.config.sample_size
-            raise CheckpointError(
-                f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
-                f"token grid, but the checkpoint has {side}x{side}"
-            )
-        vqvae = build_vqvae(load_original_checkpoint(args.vqgan_checkpoint)) if args.vqgan_checkpoint else None
-        pipeline = build_pipeline(transformer, vqvae, preset.get("scheduler", {})) if vqvae is not None else None
-    except CheckpointError as error:
-        sys.exit(f"error: {error}")
+    with report_errors(args.debug):
+        convert(args, output_dir, preset, heads, encoder_layers, inputs)
+
+
+def convert(args, output_dir: Path, preset: dict, heads, encoder_layers, inputs):
+    check_output_dir(output_dir, inputs, args.overwrite)
+    original = load_original_checkpoint(args.transformer_checkpoint)
+    family = "autonat" if is_autonat_checkpoint(original) else "enat"
+    if preset and preset["family"] != family:
+        raise CheckpointError(
+            f"preset {args.preset} is for {preset['family'].upper()} checkpoints, but "
+            f"{args.transformer_checkpoint} is an {family.upper()} checkpoint"
+        )
+    transformer = build_transformer(original, heads, encoder_layers)
+    if preset and transformer.config.sample_size != preset["sample_size"]:
+        side = transformer.config.sample_size
+        raise CheckpointError(
+            f"preset {args.preset} is for a {preset['sample_size']}x{preset['sample_size']} "
+            f"token grid, but the checkpoint has {side}x{side}"
+        )
+    vqvae = build_vqvae(load_original_checkpoint(args.vqgan_checkpoint)) if args.vqgan_checkpoint else None
+    pipeline = build_pipeline(transformer, vqvae, preset.get("scheduler", {})) if vqvae is not None else None
 
     for model in (transformer, vqvae):
         if model is not None:
@@ -172,9 +125,10 @@ def main(argv=None):
         else:
             transformer.save_pretrained(folder / "transformer")
 
-    try:
-        write_atomically(output_dir, save)
-    except OSError as error:
-        sys.exit(f"error: could not write {output_dir}: {error}")
+    write_atomically(output_dir, save)  # an OSError (a full disk) is one line too
     written = "pipeline" if pipeline is not None else "transformer"
     print(f"wrote the {written} ({transformer.num_parameters():,} transformer parameters) to {output_dir}")
+
+
+if __name__ == "__main__":
+    main()
