@@ -201,8 +201,12 @@ def test_write_imagefolder_refuses_a_non_empty_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         write_imagefolder(output_dir, 2, 2, seed=0)
     assert not (output_dir / "train").exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="error: .* is not empty"):
         shapes.main(["--output-dir", str(output_dir), "--num-train", "2", "--num-val", "2"])
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match="error: --output-dir .*pipeline is a pipeline folder"):
+        shapes.main(["--output-dir", str(tmp_path / "pipeline"), "--num-train", "2", "--num-val", "2", "--overwrite"])
 
     summary = write_imagefolder(output_dir, 3, 2, seed=0, overwrite=True)
     assert summary["train"]["num_images"] == 3 and summary["validation"]["num_images"] == 2
@@ -392,6 +396,23 @@ def test_evaluation_cli_compares_two_reports(tmp_path, capsys, evaluator):
     shapes_eval.main(["--compare", *map(str, paths), "--json"])
     assert json.loads(capsys.readouterr().out)["all"]["gained"] == 10
     paths[1].write_text("{not json")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="error: Expecting property name"):
         shapes_eval.main(["--compare", *map(str, paths)])
-    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", ["-1", "0", "1000000"])
+def test_evaluation_cli_refuses_impossible_prompt_counts_at_once(tmp_path, capsys, count):
+    with pytest.raises(SystemExit) as exit:
+        shapes_eval.main(["--model", str(tmp_path / "no-model"), "--num-prompts", count])
+    error = capsys.readouterr().err
+    assert exit.value.code == 2 and "--num-prompts" in error
+    assert ("916 distinct held-out captions at most" if count == "1000000" else "must be a positive integer") in error
+
+
+def test_evaluation_cli_reads_imagefolder_lines_clearly(tmp_path):
+    write_imagefolder(tmp_path, 0, 3, seed=0)
+    metadata = tmp_path / "validation" / "metadata.jsonl"
+    lines = metadata.read_text().splitlines()
+    metadata.write_text("\n".join([lines[0], json.dumps({"text": json.loads(lines[1])["text"]}), lines[2]]) + "\n")
+    with pytest.raises(SystemExit, match=r"error: .*metadata.jsonl line 2 has no file_name\.$"):
+        shapes_eval.main(["--images-dir", str(tmp_path / "validation")])

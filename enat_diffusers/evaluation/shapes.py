@@ -34,11 +34,15 @@ import torch
 from PIL import Image
 
 from ..data.shapes import (
+    ALL_PAIRS,
     BACKGROUND,
     COLOURS,
     IMAGE_SIZE,
+    POSITIONS,
+    SEEN_PAIRS,
     SHAPES,
     SIZES,
+    TWO_OBJECT_LAYOUTS,
     ShapesDataset,
     caption_for,
     is_held_out,
@@ -46,6 +50,7 @@ from ..data.shapes import (
     shape_mask,
 )
 from ..pipelines.pipeline_enat import ENATPipeline
+from ..utils.cli import add_debug_argument, load_pipeline, open_image, report_errors, resolve_device
 
 
 ATTRIBUTES = ("colour", "size", "shape", "position")
@@ -450,28 +455,47 @@ def format_report(report: Dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def max_evaluation_prompts() -> int:
+    """The largest `--num-prompts` of the validation prompts: the number of distinct held-out captions (fewer than
+    the seen ones) that the caption grammar allows; `evaluation_prompts` finds them all."""
+    sizes, held_out = len(SIZES), len(ALL_PAIRS) - len(SEEN_PAIRS)
+    one_object = len(POSITIONS) * sizes * held_out
+    # two objects: each layout in either order; at least one object of a held-out pair
+    two_objects = 2 * len(TWO_OBJECT_LAYOUTS) * ((sizes * len(ALL_PAIRS)) ** 2 - (sizes * len(SEEN_PAIRS)) ** 2)
+    return one_object + two_objects
+
+
 def _read_imagefolder_split(split_dir: Path, limit: Optional[int]):
     metadata_path = split_dir / "metadata.jsonl"
     if not metadata_path.is_file():
         raise FileNotFoundError(f"{metadata_path} not found; --images-dir takes a split folder (shapes/validation).")
     images, captions, held_out = [], [], []
-    with open(metadata_path) as metadata:
-        for line in metadata:
+    with open(metadata_path, encoding="utf-8") as metadata:
+        for number, line in enumerate(metadata, 1):
             if limit is not None and len(images) == limit:
                 break
             if not line.strip():
                 continue
-            record = json.loads(line)
-            with Image.open(split_dir / record["file_name"]) as image:
-                images.append(image.convert("RGB"))
+            try:
+                record = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{metadata_path} line {number} is not JSON ({error}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+                raise ValueError(f"{metadata_path} line {number} has no file_name.")
+            if not isinstance(record.get("text"), str):
+                raise ValueError(f"{metadata_path} line {number} has no text (the caption).")
+            images.append(open_image(split_dir / record["file_name"], f"{metadata_path} line {number}:"))
             captions.append(record["text"])
             held_out.append(record.get("held_out", is_held_out(parse_caption(record["text"]))))
     return images, captions, held_out
 
 
 def _evaluate_model(evaluator: ShapesEval, args, prompts: List[str], held_out: Optional[List[bool]]) -> Dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = ENATPipeline.from_pretrained(args.model).to(device)
+    device = resolve_device(args.device)
+    pipe = load_pipeline(ENATPipeline, args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     print(f"generating {len(prompts)} images on {device} ...", file=sys.stderr)
     pipe_kwargs = {"reuse_features": False if args.no_reuse else None}  # None: reuse where the model has it
@@ -480,6 +504,13 @@ def _evaluate_model(evaluator: ShapesEval, args, prompts: List[str], held_out: O
     return evaluator.evaluate_pipeline(
         pipe, prompts, held_out, args.steps, batch_size=args.batch_size, seed=args.seed, **pipe_kwargs
     )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def main(argv=None):
@@ -497,14 +528,14 @@ def main(argv=None):
     parser.add_argument("--prompts", type=Path, help="file of captions, one per line (default: validation prompts)")
     parser.add_argument(
         "--num-prompts",
-        type=int,
+        type=_positive,
         default=None,
-        help="validation prompts per group, seen and held-out (default 100); with --prompts or --images-dir, use at "
-        "most this many (default all)",
+        help=f"validation prompts per group, seen and held-out (default 100, at most {max_evaluation_prompts()}); "
+        "with --prompts or --images-dir, use at most this many (default all)",
     )
-    parser.add_argument("--steps", type=int, default=8, help="decoding steps")
+    parser.add_argument("--steps", type=_positive, default=8, help="decoding steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation prompts; image i uses seed + i")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
+    parser.add_argument("--batch-size", type=_positive, default=16, help="prompts per pipeline call")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting")
     parser.add_argument("--no-reuse", action="store_true", help="disable ENAT's feature reuse (reuse_features=False)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -513,41 +544,49 @@ def main(argv=None):
         action="store_true",
         help="print JSON (the full report; with --compare the comparison) instead of a table",
     )
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    uses_validation_prompts = args.model is not None and args.prompts is None
+    if uses_validation_prompts and args.num_prompts is not None and args.num_prompts > max_evaluation_prompts():
+        parser.error(
+            f"--num-prompts {args.num_prompts}: the validation split has {max_evaluation_prompts()} distinct "
+            "held-out captions at most (pass at most that, or --prompts FILE)"
+        )
+    with report_errors(args.debug):
+        _run(args)
 
+
+def _run(args):
     evaluator = ShapesEval()
-    try:
-        if args.compare is not None:
-            before, after = (json.loads(path.read_text()) for path in args.compare)
-            comparison = compare_reports(before, after)
-            if args.json:
-                print(json.dumps(comparison, indent=2))
-            else:
-                print(f"ShapesEval whole-prompt accuracy, {args.compare[0]} -> {args.compare[1]}")
-                print(format_comparison(comparison))
-            return
-        if args.images_dir is not None:
-            images, captions, held_out = _read_imagefolder_split(args.images_dir, args.num_prompts)
-            report = evaluator.evaluate(images, captions, held_out)
-            title = f"ShapesEval of {len(images)} images in {args.images_dir}"
+    if args.compare is not None:
+        before, after = (json.loads(path.read_text()) for path in args.compare)
+        comparison = compare_reports(before, after)
+        if args.json:
+            print(json.dumps(comparison, indent=2))
         else:
-            if args.prompts is not None:
-                prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
-                prompts = prompts[: args.num_prompts]
-                held_out = None
-            else:
-                num_prompts = 100 if args.num_prompts is None else args.num_prompts
-                seen = evaluation_prompts(num_prompts, args.seed, held_out=False)
-                unseen = evaluation_prompts(num_prompts, args.seed, held_out=True)
-                prompts, held_out = seen + unseen, [False] * len(seen) + [True] * len(unseen)
-            if not prompts:
-                raise ValueError(f"{args.prompts} holds no prompts.")
-            for prompt in prompts:  # before loading the model
-                parse_caption(prompt)
-            report = _evaluate_model(evaluator, args, prompts, held_out)
-            title = f"ShapesEval of {args.model}: {len(prompts)} prompts, {args.steps} steps, seed {args.seed}"
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(1, f"error: {error}\n")
+            print(f"ShapesEval whole-prompt accuracy, {args.compare[0]} -> {args.compare[1]}")
+            print(format_comparison(comparison))
+        return
+    if args.images_dir is not None:
+        images, captions, held_out = _read_imagefolder_split(args.images_dir, args.num_prompts)
+        report = evaluator.evaluate(images, captions, held_out)
+        title = f"ShapesEval of {len(images)} images in {args.images_dir}"
+    else:
+        if args.prompts is not None:
+            prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+            prompts = prompts[: args.num_prompts]
+            held_out = None
+        else:
+            num_prompts = 100 if args.num_prompts is None else args.num_prompts
+            seen = evaluation_prompts(num_prompts, args.seed, held_out=False)
+            unseen = evaluation_prompts(num_prompts, args.seed, held_out=True)
+            prompts, held_out = seen + unseen, [False] * len(seen) + [True] * len(unseen)
+        if not prompts:
+            raise ValueError(f"{args.prompts} holds no prompts.")
+        for prompt in prompts:  # before loading the model
+            parse_caption(prompt)
+        report = _evaluate_model(evaluator, args, prompts, held_out)
+        title = f"ShapesEval of {args.model}: {len(prompts)} prompts, {args.steps} steps, seed {args.seed}"
 
     if args.json:
         print(json.dumps(report, indent=2))
