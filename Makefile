@@ -146,11 +146,20 @@ $(VENV)/.space-installed: $(VENV)/.installed examples/spaces/requirements.txt
 space: $(VENV)/.space-installed
 	$(PY) examples/spaces/app.py --host 127.0.0.1 --port $(SPACE_PORT)
 
-# CPU benchmarks, each variant timed side by side (interleaved) in one run: ENAT-L-256 sampling (random weights with
-# the released checkpoint's shapes, float32, batch 1; the original's computation vs ours, reuse on and off, after a
-# correctness gate against the recorded original ids), then editing vs generating with the shipped Shapes model.
+# CPU benchmarks, each variant timed side by side (interleaved) in one run, on the CPU that runs them (random weights
+# with the released ENAT-L-256 checkpoint's shapes): float32, bfloat16 and each quantized form at batch 4, 8 steps,
+# and which to use on this CPU (benchmarks/README.md, "Quantization"); the original's computation vs ours, reuse on
+# and off (float32, batch 1, after a correctness gate against the recorded original ids); editing vs generating with
+# the shipped Shapes model. ENAT_REPO: a checkout of the authors' code (LeapLabTHU/ENAT, not vendored), timed too in
+# float32 (its vendored timm needs einops; torchvision, which it imports but sampling never uses, is shimmed).
+ENAT_REPO ?=
 bench: $(VENV)/.installed
-	$(PY) benchmarks/benchmark_sampling.py --model enat-l-256 --dtype float32 --batch-size 1
+	$(if $(ENAT_REPO),$(PY) -m pip install -q einops)
+	@mkdir -p outputs/bench
+	$(PY) benchmarks/benchmark_quantization.py --model enat-l-256 --batch-size 4 --steps 8 --repeats 3 \
+		$(if $(ENAT_REPO),--original-repo $(ENAT_REPO)) --json outputs/bench/quantization.json
+	$(PY) benchmarks/benchmark_sampling.py --model enat-l-256 --dtype float32 --batch-size 1 \
+		--json outputs/bench/sampling.json
 	$(PY) benchmarks/benchmark_editing.py --model pretrained/enat-shapes --repeats 5
 
 style: $(VENV)/.installed

@@ -28,7 +28,9 @@ setup(
         # torch alone, is used: where no torchvision build matches torch, install it with --no-deps (so "test" leaves
         # it out, as it leaves out open_clip_torch: pip would resolve torchvision and replace a CPU torch)
         "eval": ["torchmetrics>=1.9", "torch-fidelity>=0.3"],
-        # ftfy: open_clip's reference tokenizer
-        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9"],
+        # quantized sampling through diffusers' TorchAoConfig / PipelineQuantizationConfig (benchmarks/README.md)
+        "quantization": ["torchao>=0.18"],
+        # ftfy: open_clip's reference tokenizer; torchao: tests/test_quantization.py
+        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9", "torchao>=0.18"],
     },
 )

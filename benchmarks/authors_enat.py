@@ -6,15 +6,23 @@
 modified it: multiway key/value projections) must win over any installed timm, so nothing named `libs` or `timm`
 may be imported before; the code also needs `einops`.
 
+The vendored timm imports `torchvision` at import time (`timm/data/transforms.py`, `transforms_factory.py`: image
+transforms for training data, never used by sampling), and no torchvision build may match the installed torch (the
+CPU wheel of torch has none on the package index). Where torchvision is missing, `import_authors_code` puts a
+stand-in into `sys.modules` for the duration of that import only, and removes it afterwards: a module whose every
+attribute access raises an error that names the shim. It is limited to this benchmark; nothing else sees it.
+
 `NATSchedule.generate` hard-codes the unconditional label 1000 (ImageNet's), so a model with fewer classes (the tiny
 fixture: 10 classes + null) gets its label table padded to 1001 rows with its null row last: the computation for its
 real labels and for the null label is unchanged.
 """
 
+import contextlib
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 from original_enat import architecture
@@ -22,6 +30,39 @@ from original_enat import architecture
 
 NULL_LABEL = 1000  # `NATSchedule.generate`'s `empty_ctx`
 REQUIRED_FILES = ("libs/models.py", "libs/nat_misc.py")
+
+
+TORCHVISION_MODULES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+class _MissingTorchvision(ModuleType):
+    """Stands in for torchvision while the authors' timm is imported; any use raises."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # import machinery probes (__path__, __spec__ ...)
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"{self.__name__}.{name}: torchvision is not installed; the ENAT benchmark's import shim stood in for it "
+            "only so that the authors' timm could be imported (sampling never uses it)"
+        )
+
+
+@contextlib.contextmanager
+def torchvision_shim():
+    """Import-time stand-ins for torchvision's modules when it is not installed (removed on exit)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        yield False
+        return
+    shims = {name: _MissingTorchvision(name) for name in TORCHVISION_MODULES}
+    shims["torchvision"].transforms = shims["torchvision.transforms"]
+    shims["torchvision.transforms"].functional = shims["torchvision.transforms.functional"]
+    sys.modules.update(shims)
+    try:
+        yield True
+    finally:
+        for name, module in shims.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
 
 
 def import_authors_code(repo: Path):
@@ -38,8 +79,9 @@ def import_authors_code(repo: Path):
         )
     sys.path.insert(0, str(repo))
     try:
-        models = importlib.import_module("libs.models")
-        nat_misc = importlib.import_module("libs.nat_misc")
+        with torchvision_shim():
+            models = importlib.import_module("libs.models")
+            nat_misc = importlib.import_module("libs.nat_misc")
     except ModuleNotFoundError as error:
         raise SystemExit(
             f"--original-repo {repo}: the authors' code needs the module {error.name!r} (pip install {error.name})"

@@ -470,7 +470,9 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             text_states = reuse_state.text_hidden_states
             num_text = 0 if text_states is None else text_states.shape[1]
             old_states = old_states if text_states is None else torch.cat([text_states, old_states], dim=1)
-            encoder_context = self.prev_proj(old_states).to(hidden_states.dtype)  # (B, T + n_old, D)
+            # (B, T + n_old, D); none after a step with nothing visible (layers never see empty inputs: torchao's
+            # dynamic int8 quantization fails on them)
+            encoder_context = self.prev_proj(old_states).to(hidden_states.dtype) if old_states.shape[1] else None
             encoder_input = new_tokens
         if encoder_input.shape[1] > 0:
             encoder_input = self._run_blocks(self.encoder_blocks, encoder_input, conditioning, encoder_context)
@@ -478,7 +480,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
 
         # 4. Decoder: masked tokens attend to [all visible tokens, masked tokens].
         decoder_context = visible if visible.shape[1] > 0 else None
-        masked_tokens = self._run_blocks(self.decoder_blocks, masked_tokens, conditioning, decoder_context)
+        if masked_tokens.shape[1] > 0:
+            masked_tokens = self._run_blocks(self.decoder_blocks, masked_tokens, conditioning, decoder_context)
 
         # 5. Image tokens back to raster order; text tokens lead the visible set.
         text_states, image_states = visible.split([num_text, seq_len - num_masked], dim=1)
