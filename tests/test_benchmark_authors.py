@@ -7,6 +7,7 @@ the import from the checkout, the strict load of the original-format weights (wi
 authors' null label), the id gate (a wrong sampler must stop the benchmark), the variant's row and goal.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -123,3 +124,31 @@ def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path, missing):
             import_authors_code(checkout)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_the_authors_timm_imports_torchvision_through_a_shim_limited_to_the_import(tmp_path):
+    """The authors' vendored timm imports torchvision at import time; where it is missing, a shim stands in."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the authors' timm imports it, no shim is needed")
+    checkout = make_checkout(tmp_path / "ENAT")
+    (checkout / "timm").mkdir()
+    (checkout / "timm" / "__init__.py").write_text(
+        "import torchvision.transforms.functional as F\nfrom torchvision import transforms\n"
+    )
+    models = checkout / "libs" / "models.py"
+    models.write_text("import timm\n" + models.read_text())
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+from authors_enat import import_authors_code
+models, nat_misc = import_authors_code({str(checkout)!r})
+print("left in sys.modules:", sorted(name for name in sys.modules if name.startswith("torchvision")))
+try:
+    models.timm.F.normalize
+except RuntimeError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "left in sys.modules: []" in result.stdout
+    assert "torchvision.transforms.functional.normalize: torchvision is not installed" in result.stdout
