@@ -32,6 +32,7 @@ on an earlier Inception block, for quick checks on a few hundred images; publish
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -60,9 +61,20 @@ from enat_diffusers.evaluation.fid import (
     sha256_of,
     to_uint8,
 )
+from enat_diffusers.utils.cli import (
+    OutputFolder,
+    UsageError,
+    add_debug_argument,
+    check_output_file,
+    load_pipeline,
+    report_errors,
+    write_file_atomically,
+)
 
 
 Batches = Iterator[Tuple[torch.Tensor, Optional[List[str]]]]  # uint8 images (B, 3, H, W), their prompts
+SAVED_IMAGES = ("[0-9][0-9][0-9][0-9][0-9][0-9].png", "metadata.jsonl")  # what --save-images writes
+STAGING = "evaluate"  # every process writes the saved images into SAVE_IMAGES/.staging-evaluate first
 
 
 def balanced_class_labels(num_images: int, num_classes: int) -> List[int]:
@@ -123,9 +135,8 @@ def folder_batches(paths: List[Path], prompts: Optional[List[str]], share: range
 def generated_batches(pipe, args, conditions: List[dict], share: range, accelerator: Accelerator) -> Batches:
     """Generates this process's share; image `i` has `conditions[i]` and seed `--seed + i`. With --save-images,
     writes `{i:06d}.png` and (the main process) `metadata.jsonl`."""
-    save_dir = Path(args.save_images) if args.save_images else None
+    save_dir = Path(args.save_images) / f".staging-{STAGING}" if args.save_images else None
     if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
             with open(save_dir / "metadata.jsonl", "w", encoding="utf-8") as metadata:
                 for i, condition in enumerate(conditions):
@@ -160,7 +171,7 @@ def image_source(args, accelerator: Accelerator) -> Tuple[int, Batches]:
         return len(paths), folder_batches(paths, prompts, process_share(len(paths), accelerator), args.batch_size)
 
     prompts = read_prompts(Path(args.prompts)) if args.prompts else None
-    pipe = ENATPipeline.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(accelerator.device)
+    pipe = load_pipeline(ENATPipeline, args.model, dtype=getattr(torch, args.dtype)).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     if pipe.is_text_to_image and not prompts:
         raise ValueError(f"{args.model} is a text-to-image model: give --prompts FILE")
@@ -226,17 +237,21 @@ def check_args(args) -> Optional[str]:
         return "--num-images must be at least 1"
     if args.num_images is not None and count_error(args.num_images, args):
         return count_error(args.num_images, args)
-    for option in ("json", "save_reference_stats"):
-        path = getattr(args, option) and Path(getattr(args, option))
-        flag = "--" + option.replace("_", "-")
-        if path and path.exists() and not args.overwrite:
-            return f"{path} exists; pass --overwrite or another {flag}"
-        if path and not path.parent.is_dir():
-            return f"the folder of {flag} {path} does not exist"
-    save_dir = args.save_images and Path(args.save_images)
-    if save_dir and save_dir.exists() and (not save_dir.is_dir() or (any(save_dir.iterdir()) and not args.overwrite)):
-        return f"--save-images {save_dir} is a file or a non-empty folder; pass --overwrite or another folder"
+    inputs = input_paths(args)
+    try:  # the output-folder policy (enat_diffusers.utils.cli), before anything is loaded
+        for option in ("json", "save_reference_stats"):
+            if getattr(args, option):
+                check_output_file(getattr(args, option), inputs, "--" + option.replace("_", "-"), args.overwrite)
+        if args.save_images:
+            OutputFolder(args.save_images, SAVED_IMAGES, inputs, args.overwrite, "--save-images").check()
+    except UsageError as error:
+        return str(error)
     return None
+
+
+def input_paths(args) -> List[Optional[str]]:
+    names = ("model", "images_dir", "prompts", "reference_stats", "reference_dir", "inception_weights", "clip_model")
+    return [getattr(args, name) for name in names]
 
 
 def evaluate(args, accelerator: Accelerator) -> dict:
@@ -281,7 +296,7 @@ def evaluate(args, accelerator: Accelerator) -> dict:
         reference = feature_statistics(features["pool"])
         record["reference_num_images"] = len(reference_paths)
         if args.save_reference_stats and accelerator.is_main_process:
-            save_statistics(args.save_reference_stats, *reference)
+            write_file_atomically(args.save_reference_stats, lambda path: save_statistics(path, *reference))
     if batches is None:
         return record
     # 4. the metrics
@@ -317,22 +332,28 @@ def report(record: dict, args):
         print(f"{'CLIP score':<16} {record['clip_score']:.4f}")
     print(f"{'images':<16} {record['num_images']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_file_atomically(args.json, lambda path: path.write_text(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {args.json}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    error = check_args(args)
-    if error:
-        sys.exit(f"error: {error}")
-    accelerator = Accelerator()
-    try:
-        record = evaluate(args, accelerator)
-    except (OSError, ValueError) as error:  # missing or unreadable files, bad inputs
-        sys.exit(f"error: {error}")
-    if accelerator.is_main_process:
-        report(record, args)
+    with report_errors(args.debug):
+        error = check_args(args)
+        if error:
+            raise UsageError(error)
+        accelerator = Accelerator()
+        # --save-images: checked, locked and staged by the main process; moved into place once all are measured
+        saved = contextlib.nullcontext()
+        if args.save_images and accelerator.is_main_process:
+            inputs = input_paths(args)
+            saved = OutputFolder(args.save_images, SAVED_IMAGES, inputs, args.overwrite, "--save-images", STAGING)
+        with saved:
+            accelerator.wait_for_everyone()
+            record = evaluate(args, accelerator)
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            report(record, args)
     return record
 
 
@@ -373,7 +394,10 @@ def parse_args(argv=None):
     parser.add_argument("--clip-model", help="text models: local folder of a transformers CLIPModel and processor")
     parser.add_argument("--json", help="write the results and settings to this file")
     parser.add_argument("--save-images", help="save the generated images and a metadata.jsonl to this folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files (and earlier saved images)"
+    )
+    add_debug_argument(parser)
     return parser.parse_args(argv)
 
 

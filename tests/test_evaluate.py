@@ -251,9 +251,14 @@ def test_class_model_end_to_end_with_balanced_labels(tmp_path, inception_weights
         (generated["inception_score_mean"], generated["inception_score_std"]), rel=1e-4, abs=1e-12
     )
 
-    # a non-empty --save-images folder is refused before anything runs
+    # saved images are refused before anything runs; --overwrite replaces them and removes the stale ones
     code, stderr = run("--model", models["class"], "--num-images", 4, "--save-images", out, *common)
-    assert code == 1 and "non-empty folder" in stderr
+    assert code == 1 and "000000.png exists; pass --overwrite" in stderr
+    code, stderr = run("--model", models["class"], "--num-images", 2, "--steps", 2, "--save-images", out,
+                       "--overwrite", *common)  # fmt: skip
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]
+    assert len((out / "metadata.jsonl").read_text().splitlines()) == 2
 
 
 def test_text_model_clip_score(tmp_path, models):
@@ -325,6 +330,12 @@ def test_bad_inputs_are_refused_with_clear_errors(tmp_path, inception_weights, s
         (("--images-dir", shapes["a"], "--prompts", tmp_path / "prompts.txt", "--inception-score", *weights),
          "--prompts is for generation"),
         (("--save-reference-stats", tmp_path / "x.npz", *weights), "needs --reference-dir"),
+        (("--model", models["text"], "--prompts", tmp_path / "prompts.txt", "--inception-score", *weights,
+          "--save-images", models["text"], "--overwrite"), "is the input"),
+        (("--model", models["text"], "--prompts", tmp_path / "prompts.txt", "--inception-score", *weights,
+          "--json", tmp_path / "prompts.txt", "--overwrite"), "is an input of this run"),
+        (("--model", models["text"], "--prompts", tmp_path / "prompts.txt", "--inception-score", *weights,
+          "--json", tmp_path / "exists.json" / "x.json"), "does not exist"),
     ]  # fmt: skip
     for args, message in cases:
         code, stderr = run(*args)

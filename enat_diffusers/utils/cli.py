@@ -405,10 +405,16 @@ def move_into_place(source: Path, target: Path):
         os.replace(source, target)
 
 
-def new_staging_dir(folder: Path) -> Path:
-    """A hidden, empty staging folder inside `folder` (created with it), with the permissions of the umask."""
+def new_staging_dir(folder: Path, name: Optional[str] = None) -> Path:
+    """A hidden, empty staging folder inside `folder` (created with it), with the permissions of the umask; `name`
+    gives it a known name (`.staging-<name>`, for several processes writing into it; an old one is emptied)."""
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    if name is None:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    else:
+        staging = folder / f"{STAGING_PREFIX}{name}"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed (the lock is ours)
+        staging.mkdir()
     os.chmod(staging, 0o777 & ~_umask())
     return staging
 
@@ -439,6 +445,8 @@ class OutputFolder:
         inputs: the run's input paths (never inside the folder).
         overwrite (`bool`): replace earlier outputs of the kinds.
         flag (`str`): the option's name, for messages.
+        staging_name (`str`, *optional*): a known name for the staging folder, for processes that write into it
+            without holding this object (`new_staging_dir`).
 
     `check()` runs every check (call it before any work); `with folder:` takes the lock and a staging folder;
     `folder.path(name)` is where to write `name`; leaving the block without an error moves every staged file into
@@ -446,9 +454,17 @@ class OutputFolder:
     it and it is empty).
     """
 
-    def __init__(self, folder: PathLike, kinds: Sequence[str], inputs=(), overwrite=False, flag="--output-dir"):
+    def __init__(
+        self,
+        folder: PathLike,
+        kinds: Sequence[str],
+        inputs=(),
+        overwrite=False,
+        flag="--output-dir",
+        staging_name=None,
+    ):
         self.folder, self.kinds, self.inputs = Path(folder), tuple(kinds), tuple(inputs)
-        self.overwrite, self.flag = overwrite, flag
+        self.overwrite, self.flag, self.staging_name = overwrite, flag, staging_name
         self.staging = self.lock = None
         self.created = False
 
@@ -472,7 +488,7 @@ class OutputFolder:
         self.created = not self.folder.exists()
         self.lock = OutputLock(self.folder, f"{self.flag} {self.folder}").acquire()
         try:
-            self.staging = new_staging_dir(self.folder)
+            self.staging = new_staging_dir(self.folder, self.staging_name)
         except BaseException:
             self._clean_up()
             raise
