@@ -45,8 +45,17 @@ import numpy as np
 import torch
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler
-from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts, format_report
+from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts, format_report, max_evaluation_prompts
 from enat_diffusers.schedulers.scheduling_masked_token import STEP_LISTS
+from enat_diffusers.utils.cli import (
+    UsageError,
+    add_debug_argument,
+    check_output_file,
+    load_pipeline,
+    report_errors,
+    resolve_device,
+    write_file_atomically,
+)
 
 
 # the order of the search vector, as AutoNAT's; STEP_LISTS: how many steps each list lacks (T - 1 or T values)
@@ -464,7 +473,7 @@ class FIDScore:
 
 
 def _load_pipeline(model: str, device) -> ENATPipeline:
-    pipe = ENATPipeline.from_pretrained(model).to(device)
+    pipe = load_pipeline(ENATPipeline, model).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -499,22 +508,20 @@ def _build_metric(args, pipe: ENATPipeline, accelerator):
 def run_search(args):
     from accelerate import Accelerator
 
+    inputs = [args.model, args.init, args.reference_stats, args.inception_weights, args.prompts]
+    check_output_file(args.output, inputs, "--output", args.overwrite)
+    check_output_file(args.log, inputs, "--log", args.overwrite)
+    if Path(args.output).absolute() == Path(args.log).absolute():
+        raise UsageError("--output and --log name the same file")
     accelerator = Accelerator(cpu=args.cpu)
     main_process = accelerator.is_main_process
-    for path in (args.output, args.log):
-        if Path(path).exists() and not args.overwrite:
-            raise ValueError(f"{path} exists; pass --overwrite to replace it.")
     pipe = _load_pipeline(args.model, accelerator.device)
     metric = _build_metric(args, pipe, accelerator)
     init = _initial_strategy(args, pipe)
     num_tokens = pipe.transformer.config.sample_size**2
     say = print if main_process else (lambda *a, **k: None)
 
-    log = None
-    if main_process:
-        for path in (args.output, args.log):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        log = open(args.log, "w")
+    log = open(args.log, "w") if main_process else None  # one line per evaluation, as it happens
 
     def record(entry):
         if log is not None:
@@ -536,9 +543,10 @@ def run_search(args):
         on_evaluation=record,
     )
 
-    def write_best():
+    def write_best():  # replaced whole, never left half-written
         if main_process:
-            Path(args.output).write_text(json.dumps(search.best["strategy"], indent=2) + "\n")
+            text = json.dumps(search.best["strategy"], indent=2) + "\n"
+            write_file_atomically(args.output, lambda path: path.write_text(text))
 
     unit = " %" if args.metric == "shapes" else ""
     started = time.perf_counter()
@@ -567,9 +575,9 @@ def run_search(args):
 
 
 def run_evaluate(args):
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise ValueError(f"{args.json} exists; pass --overwrite to replace it.")
-    pipe = _load_pipeline(args.model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.json:
+        check_output_file(args.json, [args.model, args.scheduler_config], "--json", args.overwrite)
+    pipe = _load_pipeline(args.model, resolve_device(args.device))
     if args.scheduler_config:
         strategy = load_strategy(Path(args.scheduler_config), pipe.scheduler)
         pipe.scheduler = strategy_scheduler(pipe, strategy)
@@ -588,7 +596,8 @@ def run_evaluate(args):
     print(f"ShapesEval of {args.model} with {source}: {steps} steps, {args.num_prompts} + {args.num_prompts} prompts")
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": steps, "strategy": source, **report}, indent=2) + "\n")
+        text = json.dumps({"steps": steps, "strategy": source, **report}, indent=2) + "\n"
+        write_file_atomically(args.json, lambda path: path.write_text(text))
 
 
 def main(argv=None):
@@ -598,9 +607,10 @@ def main(argv=None):
     evaluate = commands.add_parser("evaluate", help="ShapesEval of a strategy on seen and held-out prompts")
     for sub in (search, evaluate):
         sub.add_argument("--model", required=True, help="an ENATPipeline folder or Hub repo id")
-        sub.add_argument("--steps", type=int, help="decoding steps (default: the strategy file's, else 8)")
-        sub.add_argument("--batch-size", type=int, default=50, help="images per pipeline call")
+        sub.add_argument("--steps", type=positive, help="decoding steps (default: the strategy file's, else 8)")
+        sub.add_argument("--batch-size", type=positive, default=50, help="images per pipeline call")
         sub.add_argument("--overwrite", action="store_true", help="replace existing output files")
+        add_debug_argument(sub)
 
     search.add_argument(
         "--init",
@@ -621,9 +631,9 @@ def main(argv=None):
     search.add_argument("--delta", type=float, default=0.1, help="finite-difference step of the rest")
     search.add_argument("--clip-grad", type=float, help="clamp every gradient coordinate to [-C, C]")
     search.add_argument("--seed", type=int, default=0, help="image i of every evaluation uses seed + i")
-    search.add_argument("--num-prompts", type=int, default=100, help="shapes: seen prompts per evaluation")
+    search.add_argument("--num-prompts", type=positive, default=100, help="shapes: seen prompts per evaluation")
     search.add_argument("--prompt-seed", type=int, default=1, help="shapes: seed of the validation prompts")
-    search.add_argument("--num-images", type=int, default=10000, help="fid: images per evaluation")
+    search.add_argument("--num-images", type=positive, default=10000, help="fid: images per evaluation")
     search.add_argument("--reference-stats", help="fid: .npz with the reference mu and sigma")
     search.add_argument("--inception-weights", help="fid: local Inception weights file")
     search.add_argument(
@@ -632,15 +642,22 @@ def main(argv=None):
     search.add_argument("--cpu", action="store_true", help="run on the CPU even where accelerate finds a GPU")
 
     evaluate.add_argument("--scheduler-config", help="strategy file (JSON or AutoNAT YAML); default: the model's")
-    evaluate.add_argument("--num-prompts", type=int, default=500, help="seen prompts, and as many held-out ones")
+    evaluate.add_argument("--num-prompts", type=positive, default=500, help="seen prompts, and as many held-out ones")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the prompts; image i uses seed + i")
     evaluate.add_argument("--device", help="default: cuda if available, else cpu")
     evaluate.add_argument("--json", help="write the report (every image's check too) to this JSON file")
     args = parser.parse_args(argv)
-    try:
+    if args.num_prompts > max_evaluation_prompts() and (args.command == "evaluate" or args.metric == "shapes"):
+        parser.error(f"--num-prompts: the validation split has {max_evaluation_prompts()} held-out captions at most")
+    with report_errors(args.debug):
         run_search(args) if args.command == "search" else run_evaluate(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(1, f"error: {error}\n")
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 if __name__ == "__main__":

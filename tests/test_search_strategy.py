@@ -241,6 +241,21 @@ def test_search_cli_writes_a_loadable_strategy_and_its_log(tmp_path, shipped):
     assert result["steps"] == 2 and result["seen"]["num_prompts"] == 1 and result["held_out"]["num_prompts"] == 1
 
 
+def test_cli_refuses_outputs_that_are_inputs_and_impossible_counts(tmp_path):
+    strategy = tmp_path / "strategy.json"
+    strategy.write_text(json.dumps({"mask_ratios": [0.5], "mask_temperatures": [1.0]}))
+    before = strategy.read_text()
+    args = ["evaluate", "--model", SHIPPED, "--scheduler-config", strategy, "--num-prompts", 1]
+    code, stderr = call_main(search_strategy.main, *args, "--json", strategy, "--overwrite")
+    assert code == 1 and "is an input of this run" in stderr and strategy.read_text() == before
+    same = ["search", "--model", SHIPPED, "--output", tmp_path / "a.json", "--log", tmp_path / "a.json"]
+    assert "name the same file" in call_main(search_strategy.main, *same)[1]
+    for count in (-1, 100000):
+        code, stderr = call_main(search_strategy.main, "evaluate", "--model", SHIPPED, "--num-prompts", count)
+        assert code == 2 and "--num-prompts" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strategy.json"]
+
+
 def test_fid_metric_scores_the_generated_images(tmp_path, monkeypatch):
     fid = pytest.importorskip("enat_diffusers.evaluation.fid")
     torch.manual_seed(0)
