@@ -23,7 +23,8 @@ setup(
     extras_require={
         # the offline CLIP tokenizer reads open_clip's BPE file (install it with --no-deps: only the file is used)
         "tokenizer": ["open_clip_torch"],
-        "train": ["tensorboard", "matplotlib"],
+        # the training scripts read their data with datasets' imagefolder
+        "train": ["datasets", "tensorboard", "matplotlib"],
         # examples/evaluate.py (FID, IS). torch-fidelity requires torchvision but only its InceptionV3, which needs
         # torch alone, is used: where no torchvision build matches torch, install it with --no-deps (so "test" leaves
         # it out, as it leaves out open_clip_torch: pip would resolve torchvision and replace a CPU torch)
@@ -31,6 +32,7 @@ setup(
         # quantized sampling through diffusers' TorchAoConfig / PipelineQuantizationConfig (benchmarks/README.md)
         "quantization": ["torchao>=0.18"],
         # ftfy: open_clip's reference tokenizer; torchao: tests/test_quantization.py
-        "test": ["pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9", "torchao>=0.18"],
+        "test": ["datasets", "pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9",
+                 "torchao>=0.18"],
     },
 )

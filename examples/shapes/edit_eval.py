@@ -17,7 +17,6 @@ import json
 import random
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import PIL.Image
 import torch
@@ -34,7 +33,11 @@ from enat_diffusers.data.shapes import (
     render_scene,
 )
 from enat_diffusers.evaluation.shapes import ShapesEval
+from enat_diffusers.utils.cli import OutputFolder, add_debug_argument, load_pipeline, report_errors
 from enat_diffusers.visualization import captioned_grid
+
+
+OUTPUT_NAMES = ("edit_eval.json", "edit_eval.md", "inpaint_examples.png")
 
 
 def scenes_with(num: int, seed: int, keep) -> list:
@@ -127,11 +130,21 @@ def main(argv=None):
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        _run(args)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    inpaint = ENATInpaintPipeline.from_pretrained(args.model)
+
+def _run(args):
+    with OutputFolder(args.output_dir, OUTPUT_NAMES, [args.model], args.overwrite) as output:
+        _measure(args, output)
+    print(f"wrote {output.folder}/edit_eval.json, edit_eval.md, inpaint_examples.png", file=sys.stderr)
+
+
+def _measure(args, output: OutputFolder):
+    inpaint = load_pipeline(ENATInpaintPipeline, args.model)
     inpaint.set_progress_bar_config(disable=True)
     img2img = ENATImg2ImgPipeline(**inpaint.components)
     img2img.set_progress_bar_config(disable=True)
@@ -139,7 +152,7 @@ def main(argv=None):
 
     report, examples = inpaint_right_half(inpaint, evaluator, args.num_images, args.seed, args.batch_size, args.steps)
     captioned_grid([image for image, _ in examples], [text for _, text in examples], columns=3).save(
-        output_dir / "inpaint_examples.png"
+        output.path("inpaint_examples.png")
     )
     inpaint_row = {group: report[group]["prompt"] for group in ("seen", "held_out", "all")}
     print({"inpaint_right_half": inpaint_row}, flush=True)
@@ -160,12 +173,11 @@ def main(argv=None):
         f"{100 * r['new_caption_holds']:.1f} % |"
         for r in rows
     ]
-    (output_dir / "edit_eval.json").write_text(
+    output.path("edit_eval.json").write_text(
         json.dumps({"inpaint_right_half": report | {"results": None}, "img2img": rows}, indent=2) + "\n"
     )
-    (output_dir / "edit_eval.md").write_text("\n".join(lines) + "\n")
+    output.path("edit_eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {output_dir}/edit_eval.json, edit_eval.md, inpaint_examples.png", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ import torch
 
 from enat_diffusers import ENATPipeline
 from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts
+from enat_diffusers.utils.cli import OutputFolder, add_debug_argument, load_pipeline, report_errors
+
+
+OUTPUT_NAMES = ("eval.json", "eval.md", "loss_curves.png")
 
 
 def tensorboard_scalars(folder: Path, tag: str):
@@ -72,14 +76,26 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=int, default=500, help="seen prompts (and as many held-out ones)")
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        _run(args)
 
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+
+def _run(args):
+    with OutputFolder(args.output_dir, OUTPUT_NAMES, [args.model, args.train_dir], args.overwrite) as output:
+        _measure(args, output)
+    print(
+        f"wrote {output.folder}/eval.json, eval.md" + (", loss_curves.png" if args.train_dir else ""), file=sys.stderr
+    )
+
+
+def _measure(args, output: OutputFolder):
     if args.train_dir:
-        plot_losses(Path(args.train_dir), output_dir / "loss_curves.png")
+        plot_losses(Path(args.train_dir), output.path("loss_curves.png"))
 
-    pipe = ENATPipeline.from_pretrained(args.model)
+    pipe = load_pipeline(ENATPipeline, args.model)
     pipe.set_progress_bar_config(disable=True)
     evaluator = ShapesEval()
     seen = evaluation_prompts(args.num_prompts, seed=0, held_out=False)
@@ -113,9 +129,8 @@ def main(argv=None):
                 f"{100 * h['prompt']:.1f} % ({h['num_prompts']}) | {attributes} | {seconds:.3f} |"
             )
             print(lines[-1], flush=True)
-    (output_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    (output_dir / "eval.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {output_dir}/eval.json, eval.md" + (", loss_curves.png" if args.train_dir else ""), file=sys.stderr)
+    output.path("eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    output.path("eval.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

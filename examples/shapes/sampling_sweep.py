@@ -20,6 +20,13 @@ import torch
 
 from enat_diffusers import ENATPipeline
 from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts
+from enat_diffusers.utils.cli import (
+    add_debug_argument,
+    check_output_file,
+    load_pipeline,
+    report_errors,
+    write_file_atomically,
+)
 
 
 def main(argv=None):
@@ -34,9 +41,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--json", help="write every setting's scores to this file")
     parser.add_argument("--write-best", action="store_true", help="store the best setting in the folder's scheduler")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        _run(args)
 
-    pipe = ENATPipeline.from_pretrained(args.model)
+
+def _run(args):
+    if args.json:  # replaced if it exists (the Makefile writes a temporary name)
+        check_output_file(args.json, [args.model], "--json", overwrite=True)
+    pipe = load_pipeline(ENATPipeline, args.model)
     pipe.set_progress_bar_config(disable=True)
     evaluator = ShapesEval()
     prompts = evaluation_prompts(args.num_prompts, seed=args.prompt_seed, held_out=False)
@@ -64,7 +78,8 @@ def main(argv=None):
     )
     print(f"best: {best}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"steps": args.steps, "rows": rows, "best": best}, indent=2) + "\n")
+        text = json.dumps({"steps": args.steps, "rows": rows, "best": best}, indent=2) + "\n"
+        write_file_atomically(args.json, lambda path: path.write_text(text))
     if args.write_best:
         settings = {key: best[key] for key in ("guidance_scale", "sampling_temperature", "mask_temperature")}
         pipe.scheduler.register_to_config(**settings)

@@ -22,6 +22,13 @@ import torch.nn.functional as F
 
 from enat_diffusers import ENATPipeline
 from enat_diffusers.data.shapes import BACKGROUND
+from enat_diffusers.utils.cli import (
+    add_debug_argument,
+    check_output_file,
+    load_pipeline,
+    report_errors,
+    write_file_atomically,
+)
 
 
 RATIOS = (0.05, 0.2, 0.5, 0.8, 0.95)
@@ -74,9 +81,16 @@ def main(argv=None):
     parser.add_argument("--num-train-images", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers to this file")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        _run(args)
 
-    pipe = ENATPipeline.from_pretrained(args.model)
+
+def _run(args):
+    if args.json:
+        check_output_file(args.json, [args.model, args.data, args.train_data], "--json", overwrite=True)
+    pipe = load_pipeline(ENATPipeline, args.model)
     ids, objects, captions = tokenise(pipe, Path(args.data), args.num_images)
     mask_id, side = pipe.transformer.mask_token_id, pipe.transformer.config.sample_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -115,7 +129,7 @@ def main(argv=None):
         report["neighbour_baseline_object_top1"] = neighbour_baseline(train_ids, ids, objects, side)
         print(f"8-neighbour lookup baseline, object tokens: {report['neighbour_baseline_object_top1']:.1%} top-1")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_file_atomically(args.json, lambda path: path.write_text(json.dumps(report, indent=2)))
 
 
 if __name__ == "__main__":

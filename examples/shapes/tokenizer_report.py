@@ -33,6 +33,13 @@ from diffusers import VQModel
 
 from enat_diffusers.data.shapes import BACKGROUND, COLOURS, JITTER, SHAPES, SIZES, ShapeObject, render_scene
 from enat_diffusers.evaluation.shapes import ShapesEval
+from enat_diffusers.utils.cli import (
+    add_debug_argument,
+    check_output_file,
+    open_image,
+    report_errors,
+    write_file_atomically,
+)
 
 
 def entropy(ids) -> float:
@@ -92,12 +99,19 @@ def main(argv=None):
     parser.add_argument("--num-pairs", type=int, default=200, help="left/right scene pairs for the non-locality")
     parser.add_argument("--min-shapes-eval", type=float, help="fail when fewer reconstructions (%%) pass ShapesEval")
     parser.add_argument("--json", help="also write the numbers to this file")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        _run(args)
 
+
+def _run(args):
+    if args.json:  # replaced if it exists (the Makefile writes a temporary name)
+        check_output_file(args.json, [args.vqvae, args.data], "--json", overwrite=True)
     vqvae = VQModel.from_pretrained(args.vqvae).eval()
     data = Path(args.data)
     rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()][: args.num_images]
-    images = np.stack([np.asarray(PIL.Image.open(data / row["file_name"]).convert("RGB")) for row in rows])
+    images = np.stack([np.asarray(open_image(data / row["file_name"], "--data image")) for row in rows])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     ids, reconstructions = [], []
     with torch.inference_mode():
@@ -160,7 +174,7 @@ def main(argv=None):
             shapes_eval=accuracy,
             **local,
         )
-        Path(args.json).write_text(json.dumps(numbers, indent=1))
+        write_file_atomically(args.json, lambda path: path.write_text(json.dumps(numbers, indent=1)))
     if args.min_shapes_eval is not None and accuracy < args.min_shapes_eval:
         sys.exit(
             f"{args.vqvae}: only {accuracy:.1f} % of the reconstructions pass ShapesEval (required: "
