@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -600,3 +601,36 @@ def test_lora_trains_saves_loads_and_resumes_exactly(class_pipeline, class_data,
     train(*arguments, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest")
     resumed = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
     assert weights.keys() == resumed.keys() and all(torch.equal(weights[key], resumed[key]) for key in weights)
+
+
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("invalid json", "--transformer_config .*bad.json is not valid JSON: Expecting"),
+        ("string size", "--transformer_config .*bad.json: hidden_size must be an integer, got '128'"),
+        ("no file_name", "1 lines of .*metadata.jsonl have no file_name"),
+        ("output under a file", "--output_dir .*notes.txt/out cannot be created: .*notes.txt is a file"),
+    ],
+)
+def test_user_errors_are_one_line(base, tmp_path, problem, message):
+    data = write_metadata_folder(tmp_path / "data")
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(TEXT_CONFIG))
+    output_dir = tmp_path / "out"
+    if problem == "invalid json":
+        config.write_text('{"sample_size": 8,}')
+    elif problem == "string size":
+        config.write_text(json.dumps({**TEXT_CONFIG, "hidden_size": "128"}))
+    elif problem == "no file_name":
+        with open(data / "metadata.jsonl", "a") as metadata:
+            metadata.write(json.dumps({"text": "a red square at the top left"}) + "\n")
+    else:
+        (tmp_path / "notes.txt").write_text("mine")
+        output_dir = tmp_path / "notes.txt" / "out"
+    args = ["--pretrained_model_name_or_path", base / "components", "--transformer_config", config,
+            "--train_data_dir", data, "--output_dir", output_dir, *FAST]  # fmt: skip
+    code, stderr = train_cli(*args)
+    assert code == 1 and re.search(message, stderr.strip().splitlines()[-1]), stderr[-2000:]
+    assert "Traceback" not in stderr and not (tmp_path / "out").exists()
+    with pytest.raises(ValueError):  # --debug: the exception itself, with its traceback
+        train_cli(*args, "--debug")
