@@ -29,10 +29,12 @@ from enat_diffusers import ENATImg2ImgPipeline, ENATInpaintPipeline, box_mask, o
 from enat_diffusers.utils.cli import (
     OutputFolder,
     add_debug_argument,
+    add_sampling_arguments,
     load_pipeline,
     open_image,
     report_errors,
     resolve_device,
+    sampling_kwargs,
 )
 
 
@@ -83,11 +85,7 @@ def edit(args):
             prompt=args.prompt,
             class_labels=args.class_labels,
             negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            mask_temperature=args.mask_temperature,
-            sampling_temperature=args.sampling_temperature,
-            reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
+            **sampling_kwargs(args),
             generator=torch.Generator().manual_seed(args.seed),
             output_type="latent",
         )
@@ -123,11 +121,7 @@ def parse_args(argv=None):
     condition.add_argument("--prompt", help="text prompt, or a class name for class-conditional models")
     condition.add_argument("--class-labels", type=int, help="class id (class-conditional models)")
     common.add_argument("--negative-prompt", default=None, help="text of the unconditional branch (text models)")
-    common.add_argument("--steps", type=int, default=None, help="decoding steps (default 8; <= masked tokens)")
-    common.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting; 0 = off")
-    common.add_argument("--mask-temperature", type=float, default=None, help="default: the model's setting")
-    common.add_argument("--sampling-temperature", type=float, default=None, help="default: the model's setting")
-    common.add_argument("--no-reuse", action="store_true", help="re-encode every visible token at every step")
+    add_sampling_arguments(common)
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -65,9 +65,11 @@ from enat_diffusers.utils.cli import (
     OutputFolder,
     UsageError,
     add_debug_argument,
+    add_sampling_arguments,
     check_output_file,
     load_pipeline,
     report_errors,
+    sampling_kwargs,
     write_file_atomically,
 )
 
@@ -148,11 +150,7 @@ def generated_batches(pipe, args, conditions: List[dict], share: range, accelera
         images = pipe(
             prompt=prompts,
             class_labels=None if prompts else [conditions[i]["class_label"] for i in indices],
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            mask_temperature=args.mask_temperature,
-            sampling_temperature=args.sampling_temperature,
-            reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
+            **sampling_kwargs(args),
             generator=[torch.Generator().manual_seed(args.seed + i) for i in indices],
             output_type="pt",
         ).images
@@ -370,11 +368,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--prompts", help="text models: one prompt per line, or a .jsonl with `text` per line")
     parser.add_argument("--batch-size", type=int, default=32, help="images per process and batch")
-    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: the scheduler's)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting; 0 = off")
-    parser.add_argument("--mask-temperature", type=float, default=None, help="default: the model's setting")
-    parser.add_argument("--sampling-temperature", type=float, default=None, help="default: the model's setting")
-    parser.add_argument("--no-reuse", action="store_true", help="re-encode every visible token at every step")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (local file)")

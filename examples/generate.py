@@ -22,10 +22,12 @@ import torch
 from enat_diffusers import ENATPipeline
 from enat_diffusers.utils.cli import (
     OutputFolder,
-    add_debug_argument,
+    add_sampling_arguments,
     load_pipeline,
-    report_errors,
+    positive_int,
     resolve_device,
+    run_parser,
+    sampling_kwargs,
 )
 from enat_diffusers.visualization import RevealRecorder, captioned_grid, reveal_strip, save_gif
 
@@ -35,9 +37,7 @@ OUTPUT_KINDS = ("image_*.png", "images.json", "grid.png", "reveal.gif", "reveal_
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    with report_errors(args.debug):
-        generate(args)
+    run_parser(build_parser(), generate, argv)
 
 
 def generate(args):
@@ -52,11 +52,7 @@ def generate(args):
         images = pipe(
             prompt=args.prompt,
             class_labels=args.class_labels,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            mask_temperature=args.mask_temperature,
-            sampling_temperature=args.sampling_temperature,
-            reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
+            **sampling_kwargs(args),
             num_images_per_prompt=args.num_images_per_prompt,
             generator=[torch.Generator().manual_seed(seed) for seed in seeds],
             callback_on_step_end=recorder,
@@ -81,24 +77,13 @@ def generate(args):
     print(f"  reveal of {labels[0]!r}: {output_dir / 'reveal.gif'} and {output_dir / 'reveal_strip.png'}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     condition = parser.add_mutually_exclusive_group(required=True)
     condition.add_argument("--prompt", nargs="+", help="text prompts, or class names for class-conditional models")
     condition.add_argument("--class-labels", nargs="+", type=int, help="class ids (class-conditional models)")
-    parser.add_argument("--steps", type=int, default=None, help="decoding steps (default: the scheduler's, 8)")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting; 0 = off")
-    parser.add_argument("--mask-temperature", type=float, default=None, help="default: the model's setting")
-    parser.add_argument("--sampling-temperature", type=float, default=None, help="default: the model's setting")
-    parser.add_argument("--no-reuse", action="store_true", help="re-encode every visible token at every step")
+    add_sampling_arguments(parser)
     parser.add_argument("--num-images-per-prompt", type=positive_int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -107,8 +92,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the files of the names above (and earlier image_*.png)"
     )
-    add_debug_argument(parser)
-    return parser.parse_args(argv)
+    return parser
 
 
 if __name__ == "__main__":

@@ -52,9 +52,10 @@ from enat_diffusers.utils.cli import (
     add_debug_argument,
     check_output_file,
     load_pipeline,
+    positive_int,
     report_errors,
     resolve_device,
-    write_file_atomically,
+    write_json_atomically,
 )
 
 
@@ -545,8 +546,7 @@ def run_search(args):
 
     def write_best():  # replaced whole, never left half-written
         if main_process:
-            text = json.dumps(search.best["strategy"], indent=2) + "\n"
-            write_file_atomically(args.output, lambda path: path.write_text(text))
+            write_json_atomically(args.output, search.best["strategy"])
 
     unit = " %" if args.metric == "shapes" else ""
     started = time.perf_counter()
@@ -596,8 +596,7 @@ def run_evaluate(args):
     print(f"ShapesEval of {args.model} with {source}: {steps} steps, {args.num_prompts} + {args.num_prompts} prompts")
     print(format_report(report))
     if args.json:
-        text = json.dumps({"steps": steps, "strategy": source, **report}, indent=2) + "\n"
-        write_file_atomically(args.json, lambda path: path.write_text(text))
+        write_json_atomically(args.json, {"steps": steps, "strategy": source, **report})
 
 
 def main(argv=None):
@@ -607,8 +606,8 @@ def main(argv=None):
     evaluate = commands.add_parser("evaluate", help="ShapesEval of a strategy on seen and held-out prompts")
     for sub in (search, evaluate):
         sub.add_argument("--model", required=True, help="an ENATPipeline folder or Hub repo id")
-        sub.add_argument("--steps", type=positive, help="decoding steps (default: the strategy file's, else 8)")
-        sub.add_argument("--batch-size", type=positive, default=50, help="images per pipeline call")
+        sub.add_argument("--steps", type=positive_int, help="decoding steps (default: the strategy file's, else 8)")
+        sub.add_argument("--batch-size", type=positive_int, default=50, help="images per pipeline call")
         sub.add_argument("--overwrite", action="store_true", help="replace existing output files")
         add_debug_argument(sub)
 
@@ -631,9 +630,9 @@ def main(argv=None):
     search.add_argument("--delta", type=float, default=0.1, help="finite-difference step of the rest")
     search.add_argument("--clip-grad", type=float, help="clamp every gradient coordinate to [-C, C]")
     search.add_argument("--seed", type=int, default=0, help="image i of every evaluation uses seed + i")
-    search.add_argument("--num-prompts", type=positive, default=100, help="shapes: seen prompts per evaluation")
+    search.add_argument("--num-prompts", type=positive_int, default=100, help="shapes: seen prompts per evaluation")
     search.add_argument("--prompt-seed", type=int, default=1, help="shapes: seed of the validation prompts")
-    search.add_argument("--num-images", type=positive, default=10000, help="fid: images per evaluation")
+    search.add_argument("--num-images", type=positive_int, default=10000, help="fid: images per evaluation")
     search.add_argument("--reference-stats", help="fid: .npz with the reference mu and sigma")
     search.add_argument("--inception-weights", help="fid: local Inception weights file")
     search.add_argument(
@@ -642,7 +641,9 @@ def main(argv=None):
     search.add_argument("--cpu", action="store_true", help="run on the CPU even where accelerate finds a GPU")
 
     evaluate.add_argument("--scheduler-config", help="strategy file (JSON or AutoNAT YAML); default: the model's")
-    evaluate.add_argument("--num-prompts", type=positive, default=500, help="seen prompts, and as many held-out ones")
+    evaluate.add_argument(
+        "--num-prompts", type=positive_int, default=500, help="seen prompts, and as many held-out ones"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the prompts; image i uses seed + i")
     evaluate.add_argument("--device", help="default: cuda if available, else cpu")
     evaluate.add_argument("--json", help="write the report (every image's check too) to this JSON file")
@@ -651,13 +652,6 @@ def main(argv=None):
         parser.error(f"--num-prompts: the validation split has {max_evaluation_prompts()} held-out captions at most")
     with report_errors(args.debug):
         run_search(args) if args.command == "search" else run_evaluate(args)
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 if __name__ == "__main__":

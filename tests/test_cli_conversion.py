@@ -16,6 +16,7 @@ TINY = ["--transformer-checkpoint", FIXTURES / "enat_tiny.pth", "--num-attention
 def run_module(module, *args, monkeypatch):
     """`python -m module args...`, in this process (runpy runs the module as `__main__`, as `-m` does)."""
     monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
+    monkeypatch.delitem(sys.modules, "enat_diffusers.conversion.cli", raising=False)  # as a fresh `python -m`
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exit:

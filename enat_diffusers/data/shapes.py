@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from ..utils.cli import OutputLock, add_debug_argument, check_output_dir, report_errors
+from ..utils.cli import OutputLock, check_output_dir, non_negative_int, run_parser
 
 
 IMAGE_SIZE = 64
@@ -304,29 +304,23 @@ def write_imagefolder(
     return summary
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of images (0 or more), got {value}")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="folder to write (empty or absent unless --overwrite)")
-    parser.add_argument("--num-train", type=_count, required=True, help="number of training images")
-    parser.add_argument("--num-val", type=_count, required=True, help="number of validation images")
+    parser.add_argument("--num-train", type=non_negative_int, required=True, help="number of training images")
+    parser.add_argument("--num-val", type=non_negative_int, required=True, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder, replacing files")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
+    run_parser(parser, _write, argv)
+
+
+def _write(args):
     output_dir = Path(args.output_dir)
-    with report_errors(args.debug):
-        check_output_dir(output_dir, (), "--output-dir")
-        # one run at a time; the lock is a sibling of the folder, which must stay empty for a new data set
-        lock_path = output_dir.absolute().parent / f".{output_dir.name}.lock"
-        with OutputLock(output_dir.absolute().parent, f"--output-dir {output_dir}", lock_path):
-            summary = write_imagefolder(output_dir, args.num_train, args.num_val, args.seed, args.overwrite)
+    check_output_dir(output_dir, (), "--output-dir")
+    # one run at a time; the lock is a sibling of the folder, which must stay empty for a new data set
+    lock_path = output_dir.absolute().parent / f".{output_dir.name}.lock"
+    with OutputLock(output_dir.absolute().parent, f"--output-dir {output_dir}", lock_path):
+        summary = write_imagefolder(output_dir, args.num_train, args.num_val, args.seed, args.overwrite)
     for split, counts in summary.items():
         print(
             f"wrote {counts['num_images']} images ({counts['num_held_out']} held-out) and metadata.jsonl to "

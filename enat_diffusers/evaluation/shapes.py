@@ -50,7 +50,7 @@ from ..data.shapes import (
     shape_mask,
 )
 from ..pipelines.pipeline_enat import ENATPipeline
-from ..utils.cli import add_debug_argument, load_pipeline, open_image, report_errors, resolve_device
+from ..utils.cli import add_debug_argument, load_pipeline, open_image, positive_int, report_errors, resolve_device
 
 
 ATTRIBUTES = ("colour", "size", "shape", "position")
@@ -506,13 +506,6 @@ def _evaluate_model(evaluator: ShapesEval, args, prompts: List[str], held_out: O
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -528,14 +521,14 @@ def main(argv=None):
     parser.add_argument("--prompts", type=Path, help="file of captions, one per line (default: validation prompts)")
     parser.add_argument(
         "--num-prompts",
-        type=_positive,
+        type=positive_int,
         default=None,
         help=f"validation prompts per group, seen and held-out (default 100, at most {max_evaluation_prompts()}); "
         "with --prompts or --images-dir, use at most this many (default all)",
     )
-    parser.add_argument("--steps", type=_positive, default=8, help="decoding steps")
+    parser.add_argument("--steps", type=positive_int, default=8, help="decoding steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation prompts; image i uses seed + i")
-    parser.add_argument("--batch-size", type=_positive, default=16, help="prompts per pipeline call")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per pipeline call")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting")
     parser.add_argument("--no-reuse", action="store_true", help="disable ENAT's feature reuse (reuse_features=False)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

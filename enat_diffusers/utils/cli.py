@@ -16,6 +16,7 @@ disk, `--device cuda` without CUDA) ends the tool with one line, `error: ...`, a
 - one run at a time: a lock file refuses a second run into the same folder while the first one is alive.
 """
 
+import argparse
 import contextlib
 import errno
 import fnmatch
@@ -95,7 +96,53 @@ def add_debug_argument(parser):
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")
 
 
+def run_parser(parser, run: Callable, argv: Optional[Sequence[str]] = None, add_debug: bool = True):
+    """Parses `argv` with `parser` (adding `--debug` unless `add_debug=False`: subcommands add their own) and
+    returns `run(args)`, with the errors a user can cause as one line."""
+    if add_debug:
+        add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    with report_errors(args.debug):
+        return run(args)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------------- inputs
+
+
+def add_sampling_arguments(parser):
+    """The sampling options of the tools that run a pipeline; `sampling_kwargs(args)` passes them to it."""
+    parser.add_argument("--steps", type=positive_int, default=None, help="decoding steps (default: the scheduler's)")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: the model's setting; 0 = off")
+    parser.add_argument("--mask-temperature", type=float, default=None, help="default: the model's setting")
+    parser.add_argument("--sampling-temperature", type=float, default=None, help="default: the model's setting")
+    parser.add_argument("--no-reuse", action="store_true", help="re-encode every visible token at every step")
+
+
+def sampling_kwargs(args) -> dict:
+    """The pipeline arguments of `add_sampling_arguments`' options (None: the pipeline's default)."""
+    return dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        mask_temperature=args.mask_temperature,
+        sampling_temperature=args.sampling_temperature,
+        reuse_features=False if args.no_reuse else None,  # None: reuse where the model has it (ENAT)
+    )
 
 
 def resolve_device(name: Optional[str], flag: str = "--device") -> str:
@@ -308,6 +355,12 @@ def write_file_atomically(path: PathLike, write: Callable[[Path], None]):
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def write_json_atomically(path: PathLike, data, indent: int = 2):
+    """`data` as JSON (UTF-8, a final newline) at `path`, through `write_file_atomically`."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+    write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def _umask() -> int:

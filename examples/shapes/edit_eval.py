@@ -33,7 +33,7 @@ from enat_diffusers.data.shapes import (
     render_scene,
 )
 from enat_diffusers.evaluation.shapes import ShapesEval
-from enat_diffusers.utils.cli import OutputFolder, add_debug_argument, load_pipeline, report_errors
+from enat_diffusers.utils.cli import OutputFolder, load_pipeline, run_parser
 from enat_diffusers.visualization import captioned_grid
 
 
@@ -131,10 +131,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
-    with report_errors(args.debug):
-        _run(args)
+    run_parser(parser, _run, argv)
 
 
 def _run(args):

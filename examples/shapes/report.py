@@ -18,7 +18,7 @@ import torch
 
 from enat_diffusers import ENATPipeline
 from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts
-from enat_diffusers.utils.cli import OutputFolder, add_debug_argument, load_pipeline, report_errors
+from enat_diffusers.utils.cli import OutputFolder, load_pipeline, run_parser
 
 
 OUTPUT_NAMES = ("eval.json", "eval.md", "loss_curves.png")
@@ -77,10 +77,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 12])
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
-    with report_errors(args.debug):
-        _run(args)
+    run_parser(parser, _run, argv)
 
 
 def _run(args):

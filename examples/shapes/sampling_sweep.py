@@ -12,7 +12,6 @@ the only file changed).
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -21,11 +20,10 @@ import torch
 from enat_diffusers import ENATPipeline
 from enat_diffusers.evaluation.shapes import ShapesEval, evaluation_prompts
 from enat_diffusers.utils.cli import (
-    add_debug_argument,
     check_output_file,
     load_pipeline,
-    report_errors,
-    write_file_atomically,
+    run_parser,
+    write_json_atomically,
 )
 
 
@@ -41,10 +39,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--json", help="write every setting's scores to this file")
     parser.add_argument("--write-best", action="store_true", help="store the best setting in the folder's scheduler")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
-    with report_errors(args.debug):
-        _run(args)
+    run_parser(parser, _run, argv)
 
 
 def _run(args):
@@ -78,8 +73,7 @@ def _run(args):
     )
     print(f"best: {best}")
     if args.json:
-        text = json.dumps({"steps": args.steps, "rows": rows, "best": best}, indent=2) + "\n"
-        write_file_atomically(args.json, lambda path: path.write_text(text))
+        write_json_atomically(args.json, {"steps": args.steps, "rows": rows, "best": best})
     if args.write_best:
         settings = {key: best[key] for key in ("guidance_scale", "sampling_temperature", "mask_temperature")}
         pipe.scheduler.register_to_config(**settings)

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from enat_diffusers import ENATPipeline
 from enat_diffusers.data.shapes import BACKGROUND
 from enat_diffusers.utils.cli import (
-    add_debug_argument,
     check_output_file,
     load_pipeline,
-    report_errors,
-    write_file_atomically,
+    run_parser,
+    write_json_atomically,
 )
 
 
@@ -81,10 +80,7 @@ def main(argv=None):
     parser.add_argument("--num-train-images", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the numbers to this file")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
-    with report_errors(args.debug):
-        _run(args)
+    run_parser(parser, _run, argv)
 
 
 def _run(args):
@@ -129,7 +125,7 @@ def _run(args):
         report["neighbour_baseline_object_top1"] = neighbour_baseline(train_ids, ids, objects, side)
         print(f"8-neighbour lookup baseline, object tokens: {report['neighbour_baseline_object_top1']:.1%} top-1")
     if args.json:
-        write_file_atomically(args.json, lambda path: path.write_text(json.dumps(report, indent=2)))
+        write_json_atomically(args.json, report)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,10 @@ from diffusers import VQModel
 from enat_diffusers.data.shapes import BACKGROUND, COLOURS, JITTER, SHAPES, SIZES, ShapeObject, render_scene
 from enat_diffusers.evaluation.shapes import ShapesEval
 from enat_diffusers.utils.cli import (
-    add_debug_argument,
     check_output_file,
     open_image,
-    report_errors,
-    write_file_atomically,
+    run_parser,
+    write_json_atomically,
 )
 
 
@@ -99,10 +98,7 @@ def main(argv=None):
     parser.add_argument("--num-pairs", type=int, default=200, help="left/right scene pairs for the non-locality")
     parser.add_argument("--min-shapes-eval", type=float, help="fail when fewer reconstructions (%%) pass ShapesEval")
     parser.add_argument("--json", help="also write the numbers to this file")
-    add_debug_argument(parser)
-    args = parser.parse_args(argv)
-    with report_errors(args.debug):
-        _run(args)
+    run_parser(parser, _run, argv)
 
 
 def _run(args):
@@ -174,7 +170,7 @@ def _run(args):
             shapes_eval=accuracy,
             **local,
         )
-        write_file_atomically(args.json, lambda path: path.write_text(json.dumps(numbers, indent=1)))
+        write_json_atomically(args.json, numbers, indent=1)
     if args.min_shapes_eval is not None and accuracy < args.min_shapes_eval:
         sys.exit(
             f"{args.vqvae}: only {accuracy:.1f} % of the reconstructions pass ShapesEval (required: "
