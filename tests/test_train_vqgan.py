@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from enat_diffusers.utils import training
-from enat_diffusers.utils.cli import UsageError
+from enat_diffusers.utils.cli import OutputLock, UsageError
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -238,3 +238,10 @@ def test_a_pipeline_folder_is_never_replaced(data_dir, tmp_path):
         with pytest.raises(UsageError, match="is a pipeline folder: this script does not update it"):
             train(data_dir, pipeline, "--max_train_steps", 2, *extra)
     assert {p: p.read_bytes() for p in pipeline.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_run_into_the_same_folder_is_refused(data_dir, tmp_path):
+    with OutputLock(tmp_path / "run", "--output_dir run"):  # a run that is training there now
+        with pytest.raises(UsageError, match="another run .* is writing into --output_dir"):
+            train(data_dir, tmp_path / "run", "--max_train_steps", 2, "--resume_from_checkpoint", "latest")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
