@@ -72,9 +72,10 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# Tests use one thread per process: the tiny test models run faster so, and never oversubscribe a shared machine.
+# Tests run in one worker process per core (pytest-xdist), each on one thread: the tiny test models run fastest so,
+# and the workers never oversubscribe the machine.
 test: $(VENV)/.space-installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto tests
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model_index.json
 	$(PY) examples/generate.py --model $(DEMO_MODEL) $(DEMO_CONDITION) --output-dir outputs/demo --overwrite

@@ -32,7 +32,7 @@ setup(
         # quantized sampling through diffusers' TorchAoConfig / PipelineQuantizationConfig (benchmarks/README.md)
         "quantization": ["torchao>=0.18"],
         # ftfy: open_clip's reference tokenizer; torchao: tests/test_quantization.py
-        "test": ["datasets", "pytest", "peft", "tensorboard", "matplotlib", "ftfy", "torchmetrics>=1.9",
-                 "torchao>=0.18"],
+        "test": ["datasets", "pytest", "pytest-xdist", "peft", "tensorboard", "matplotlib", "ftfy",
+                 "torchmetrics>=1.9", "torchao>=0.18"],
     },
 )
