@@ -13,12 +13,16 @@ fraction of final token ids that agree (compiled kernels round differently, and 
 
 `--model` is a pipeline folder (text models take `--prompt`), or `enat-l-256` / `enat-l-512`: a class-conditional
 ENAT-L with random weights in the released checkpoints' shapes (as in `benchmark_sampling.py`).
+
+`--form` loads the transformer in a numeric form of `quantization_forms.py` (e.g. `int8-weight-only`, quantized by
+diffusers' `TorchAoConfig` on load): the compiled transformer is then a second copy loaded the same way.
 """
 
 import argparse
 import copy
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,18 +30,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_sampling import MODELS, make_pipeline, original_state_dict, timed  # noqa: E402
+from quantization_forms import FORMS, load_transformer  # noqa: E402
 
 from enat_diffusers import ENATPipeline  # noqa: E402
 from enat_diffusers.conversion import build_transformer  # noqa: E402
 
 
-def load(model: str) -> ENATPipeline:
+def load(model: str, form: str = "float32", copies: int = 1):
+    """`copies` pipelines of the model, each with its own transformer in `form`."""
     if model in MODELS and model != "tiny":
         spec = MODELS[model]
-        return make_pipeline(build_transformer(original_state_dict(model), spec["heads"], spec["encoder_layers"]))
+        transformer = build_transformer(original_state_dict(model), spec["heads"], spec["encoder_layers"])
+        if form == "float32":
+            return [make_pipeline(copy.deepcopy(transformer) if i else transformer) for i in range(copies)]
+        with tempfile.TemporaryDirectory() as folder:
+            transformer.save_pretrained(folder)
+            return [make_pipeline(load_transformer(folder, FORMS[form])) for _ in range(copies)]
     if not (Path(model) / "model_index.json").is_file():
         raise SystemExit(f"--model {model}: neither a pipeline folder nor one of enat-l-256, enat-l-512")
-    return ENATPipeline.from_pretrained(model)
+    if form == "float32":
+        return [ENATPipeline.from_pretrained(model) for _ in range(copies)]
+    return [
+        ENATPipeline.from_pretrained(model, transformer=load_transformer(model, FORMS[form], subfolder="transformer"))
+        for _ in range(copies)
+    ]
 
 
 def main(argv=None):
@@ -49,13 +65,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reuse", action="store_true", help="sample without ENAT's feature reuse")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--form", choices=sorted(FORMS), default="float32", help="the transformer's numeric form")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    eager = load(args.model).to(device)
-    eager.set_progress_bar_config(disable=True)
-    compiled = ENATPipeline(**{**eager.components, "transformer": copy.deepcopy(eager.transformer)})
-    compiled.set_progress_bar_config(disable=True)
+    eager, compiled = (pipe.to(device) for pipe in load(args.model, args.form, copies=2))
+    for pipe in (eager, compiled):
+        pipe.set_progress_bar_config(disable=True)
     compiled.transformer.compile(dynamic=True)
     if eager.is_text_to_image:
         condition = dict(prompt=[args.prompt] * args.batch_size)
@@ -75,7 +91,8 @@ def main(argv=None):
         ).images
 
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, model {args.model}, "
-          f"batch {args.batch_size}, {args.steps} steps, reuse {'off' if args.no_reuse else 'default'}")  # fmt: skip
+          f"form {args.form}, batch {args.batch_size}, {args.steps} steps, "
+          f"reuse {'off' if args.no_reuse else 'default'}")  # fmt: skip
     times = {"eager": [], "compiled": []}
     with torch.inference_mode():
         warm_eager = timed(lambda: run(eager), device)

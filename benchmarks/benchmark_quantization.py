@@ -18,9 +18,10 @@ in turn within every repeat (interleaved), under `torch.inference_mode()`, to to
 the final token ids of a form's first timed run (seed 0) are compared with float32's: the token agreement.
 
 Which form to use: the fastest timed form whose quality is bounded, i.e. whose recorded ShapesEval result (the
-shipped Shapes model, 500 seen prompts, `quantization_quality.py`, kept in `--quality`) is within 1 point of float32
-with a McNemar p above 0.05. float32 is always eligible. The quality of a form is a property of its numerics, the
-same on every CPU; its speed is this CPU's, measured here.
+shipped Shapes model, 500 seen prompts, same seeds, `quantization_quality.py`, kept in `--quality`) is at most 1 point
+below float32's and not significantly different from it (paired McNemar p > 0.05; a gain counts as no loss). float32
+is always eligible. The quality of a form is a property of its numerics, the same on every CPU; its speed is this
+CPU's, measured here.
 
 `--json PATH` writes every number unrounded.
 """
@@ -92,10 +93,10 @@ def quality_bounds(path: Path) -> dict:
 
 
 def within_bound(row: dict) -> bool:
-    """Within 1 point of float32 on ShapesEval (seen prompts), McNemar p > 0.05."""
+    """ShapesEval (seen prompts) at most 1 point below float32's, and no significant change (McNemar p > 0.05)."""
     if row is None or "accuracy" not in row:
         return False
-    return abs(row["accuracy"] - row["accuracy_float32"]) <= 0.01 and row["p_value"] > 0.05
+    return row["accuracy"] - row["accuracy_float32"] >= -0.01 and row["p_value"] > 0.05
 
 
 def parse_args(argv=None):
@@ -111,6 +112,7 @@ def parse_args(argv=None):
         default=4.0,
         help="do not time a form whose probe is more than this many times slower than float32's",
     )
+    parser.add_argument("--probe-rounds", type=int, default=3, help="interleaved rounds of the per-form probes")
     parser.add_argument("--original-repo", type=Path, help="a checkout of LeapLabTHU/ENAT: time the authors' code")
     parser.add_argument("--quality", type=Path, default=QUALITY, help="quality rows of quantization_quality.py")
     parser.add_argument("--json", type=Path, help="also write every number, unrounded, to this JSON file")
@@ -172,14 +174,15 @@ def main(argv=None):
         seed_original_rngs()
         return authors.generate(torch.tensor(labels, device=device), steps, cfg, mask_temp, samp_temp)
 
-    print("probes (one nn.Linear per form, square inputs):")
-    by_form = {"float32": probe_tflops(FORMS["float32"])}
-    probes = {}
-    for name in [AUTHORS] * (authors is not None) + list(pipes):
-        form = "float32" if name == AUTHORS else name
-        by_form[form] = by_form.get(form) or probe_tflops(FORMS[form])
-        probes[name] = by_form[form]
-        print(f"  {name:<22} {probes[name]:.4f} TFLOP/s", flush=True)
+    print(f"probes (one nn.Linear per form, square inputs; the best of {args.probe_rounds} interleaved rounds):")
+    by_form = {name: 0.0 for name in ["float32"] + list(pipes)}
+    for _ in range(args.probe_rounds):
+        for form in by_form:
+            by_form[form] = max(by_form[form], probe_tflops(FORMS[form]))
+    probes = {name: by_form["float32" if name == AUTHORS else name] for name in [AUTHORS] * (authors is not None)}
+    probes |= {name: by_form[name] for name in pipes}
+    for name, tflops in probes.items():
+        print(f"  {name:<22} {tflops:.4f} TFLOP/s", flush=True)
     float32_probe = by_form["float32"]
     variants, skipped = {}, {}
     if authors is not None:
@@ -248,18 +251,26 @@ def main(argv=None):
     for name, reason in refused.items():
         print(f"{name:<22} refused: {reason.split(': ', 1)[1]}")
     print("s/gen: one generation of the whole batch; vs: median over median; util: the model's FLOPs over the fastest "
-          "run, against the form's own probe; quality bound: ShapesEval within 1 point of float32, McNemar p > 0.05 "
+          "run, against the form's own probe; quality bound: ShapesEval >= float32's - 1 point, McNemar p > 0.05 "
           f"({args.quality.name if args.quality else 'none'})")  # fmt: skip
+
+    def describe(name):
+        line = f"{name} ({rows[name]['median_s']:.2f} s/generation"
+        if float32_median:
+            line += f", {float32_median / rows[name]['median_s']:.2f}x float32"
+        if authors_median:
+            line += f", {authors_median / rows[name]['median_s']:.2f}x the authors' float32 code"
+        return line + ")"
 
     candidates = [name for name in rows if name != AUTHORS and rows[name]["quality_bounded"]]
     choice = min(candidates, key=lambda name: rows[name]["median_s"]) if candidates else None
+    diffusers_choice = min((n for n in candidates if not FORMS[n].reference), key=lambda n: rows[n]["median_s"],
+                           default=None)  # fmt: skip
     if choice is not None:
-        line = f"use on this CPU: {choice} ({rows[choice]['median_s']:.2f} s/generation"
-        if float32_median:
-            line += f", {float32_median / rows[choice]['median_s']:.2f}x float32"
-        if authors_median:
-            line += f", {authors_median / rows[choice]['median_s']:.2f}x the authors' float32 code"
-        print(line + ")")
+        print(f"use on this CPU: {describe(choice)}")
+    if diffusers_choice not in (None, choice):
+        print(f"  {choice} is torch's deprecated torch.ao API, applied after loading (no save_pretrained); through "
+              f"diffusers' quantization_config: {describe(diffusers_choice)}")  # fmt: skip
     for name, row in rows.items():
         faster = name not in ("float32", AUTHORS) and float32_median and row["median_s"] < float32_median
         if faster and not row["quality_bounded"]:
@@ -272,6 +283,7 @@ def main(argv=None):
         "refused": refused,
         "not_timed": {name: {"probe_slowdown": slowdown} for name, slowdown in skipped.items()},
         "choice": choice,
+        "diffusers_choice": diffusers_choice,
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

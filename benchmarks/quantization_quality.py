@@ -248,16 +248,17 @@ def summary_row(report: dict, reference: dict) -> dict:
 
 
 def print_table(rows: dict, shapes: bool):
-    header = f"{'form':<34} {'tokens = fp32':>13} {'step-1 max |dlogit|':>20} {'argmax =':>9}"
+    width = max([4] + [len(name) for name in rows])
+    header = f"{'form':<{width}} {'tokens = fp32':>13} {'step-1 max |dlogit|':>20} {'argmax =':>9}"
     if shapes:
         header += f" {'ShapesEval seen':>16} {'change':>8} {'gained/lost':>12} {'McNemar p':>10}"
     print(header)
     for name, row in rows.items():
         if "refused" in row:
-            print(f"{name:<34} refused by torchao on this machine")
+            print(f"{name:<{width}} refused by torchao on this machine")
             continue
         error = row["step1_logits"]
-        line = (f"{name:<34} {row['token_agreement']:>13.1%} {error['max_abs']:>10.3g} "
+        line = (f"{name:<{width}} {row['token_agreement']:>13.1%} {error['max_abs']:>10.3g} "
                 f"(of {error['max_abs_logit']:.3g}) {error['argmax_agreement']:>9.1%}")  # fmt: skip
         if shapes:
             change = 100 * (row["accuracy"] - row["accuracy_float32"])
@@ -268,7 +269,7 @@ def print_table(rows: dict, shapes: bool):
 
 def keep_variants(keep_float32):
     """(label, modules kept float32): the default, nothing kept, and each kept group quantized in turn."""
-    variants = [("keep " + ", ".join(keep_float32), list(keep_float32)), ("keep nothing", [])]
+    variants = [("keep KEEP_FLOAT32 (default)", list(keep_float32)), ("keep nothing", [])]
     for group in keep_float32:
         variants.append((f"also quantize {group}", [keep for keep in keep_float32 if keep != group]))
     return variants
@@ -321,7 +322,20 @@ def main(argv=None):
     print(f"\n{args.model}: {what}, {args.steps} steps, seed {SEED}; every form against float32")
     print_table(rows, shapes)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        import torchao
+
+        summary = {
+            "model": args.model,
+            "num_prompts": len(prompts) if shapes else None,
+            "steps": args.steps,
+            "seed": SEED,
+            "keep_float32": list(args.keep_float32),
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "int8_dynamic_int_mm": "torch" if args.torch_int_mm else "float32 chunks (exact)",
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
