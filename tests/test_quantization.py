@@ -7,21 +7,15 @@ on at least 85 % of the positions (int8 dynamic: 93 %, int8 weight-only: 99 % on
 guidance let a flipped token change what is revealed later, so agreement is below the per-step one).
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import tiny_class_pipeline, tiny_vqvae
 from diffusers import PipelineQuantizationConfig, TorchAoConfig
+from quantization_forms import KEEP_FLOAT32  # benchmarks/ (conftest puts it on sys.path)
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 from torchao.utils import TorchAOBaseTensor
 
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from quantization_forms import KEEP_FLOAT32  # noqa: E402
 
 
 MIN_AGREEMENT = 0.85
