@@ -47,6 +47,16 @@ def call_converter(*args) -> (int, str):
     return call_main(cli.main, *args)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny, latency-bound models: on a busy machine two spinning intra-op threads
+    make each call many times slower. Restores the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def enat_io():
     return load_file(FIXTURES / "enat_tiny_io.safetensors")

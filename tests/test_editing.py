@@ -25,14 +25,7 @@ from enat_diffusers import (
 L = 16  # tiny models: 4x4 tokens, 8x8 images, VQ factor 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are latency-bound: on a busy machine two torch threads make each call ~40x slower (spinning
-    workers), so this module runs with one and restores the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ MASK = 8  # the tiny models: 4x4 tokens, codebook of 8, [MASK] = 8
 ARGMAX = dict(mask_temperature=0, sampling_temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny latency-bound models: one torch thread (two spinning ones are much slower on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
-import torch
 
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -27,7 +26,7 @@ from enat_diffusers import MaskedTokenScheduler  # noqa: E402
 
 
 # gradio's queue trips pandas' deprecation warnings
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio"), pytest.mark.usefixtures("one_thread")]
 
 
 APP = ROOT / "examples" / "spaces" / "app.py"
@@ -45,15 +44,6 @@ def app():
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a busy 2-core machine: one intra-op thread is ~50x faster than two spinning ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
