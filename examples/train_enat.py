@@ -569,10 +569,12 @@ def load_models(args):
         return VQModel.from_pretrained(path, dtype=torch.float32, **kwargs)
 
     vqvae = load_component(load_vqvae, args.vqvae_name_or_path or pretrained, "vqvae", revision)
-    try:
-        scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
-    except (OSError, TypeError, ValueError):  # no pretrained pipeline, or one without a scheduler
-        scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
+    scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
+    if pretrained is not None:
+        try:
+            scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+        except (OSError, TypeError, ValueError):  # a pretrained pipeline without a scheduler
+            pass
     if args.beta_alpha_beta is not None:
         alpha, beta = args.beta_alpha_beta
         scheduler = MaskedTokenScheduler.from_config(scheduler.config, beta_alpha=alpha, beta_beta=beta)

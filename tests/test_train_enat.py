@@ -634,3 +634,22 @@ def test_user_errors_are_one_line(base, tmp_path, problem, message):
     assert "Traceback" not in stderr and not (tmp_path / "out").exists()
     with pytest.raises(ValueError):  # --debug: the exception itself, with its traceback
         train_cli(*args, "--debug")
+
+
+def test_a_new_model_from_separate_components_asks_no_hub_for_a_scheduler(base, class_data, tmp_path, monkeypatch):
+    """Without --pretrained_model_name_or_path there is no pipeline to read a scheduler from: the script must not
+    look one up (it used to ask the Hub for a repository named "None", retrying for half a minute offline)."""
+    original = MaskedTokenScheduler.from_pretrained.__func__
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        assert path is not None, "asked for the scheduler of pipeline None"
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(MaskedTokenScheduler, "from_pretrained", classmethod(from_pretrained))
+    output_dir = tmp_path / "out"
+    train(
+        "--vqvae_name_or_path", base / "components" / "vqvae", "--transformer_config", base / "class.json",
+        "--train_data_dir", class_data, "--output_dir", output_dir, *FAST,
+    )  # fmt: skip
+    scheduler = MaskedTokenScheduler.from_pretrained(output_dir / "scheduler")
+    assert scheduler.config.mask_token_id == CODES
