@@ -160,9 +160,7 @@ def main(argv=None):
         name: {"shapes_eval": 100 * float(np.mean(correct[name])), "exact_grid": 100 * float(np.mean(exact[name]))}
         for name in runs
     }
-    print(
-        f"{args.model}, {args.num_prompts} seen prompts: ShapesEval; how often the final grid is a real one"
-    )
+    print(f"{args.model}, {args.num_prompts} seen prompts: ShapesEval; how often the final grid is a real one")
     for name, row in numbers.items():
         print(f"  {name:<42} {row['shapes_eval']:5.1f} %  {row['exact_grid']:5.1f} %")
     if args.json:
