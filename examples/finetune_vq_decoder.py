@@ -37,6 +37,7 @@ from enat_diffusers.utils.training import (
     check_positive,
     checkpoint_step,
     find_resume_checkpoint,
+    load_checkpoint,
     load_image,
     make_accelerator,
     read_imagefolder_captions,
@@ -168,7 +169,7 @@ def fine_tune(args, accelerator, output: TrainingOutput, resume):
 
     first_step = 0
     if resume is not None:
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)
         first_step = checkpoint_step(resume)
         logger.info(f"Resumed from {resume} (step {first_step}).")
     log_path = output_dir / "train_log.csv"

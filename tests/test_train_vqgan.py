@@ -186,6 +186,27 @@ def test_a_planted_pickle_is_never_loaded(trained, data_dir, tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_whose_manifest_was_rewritten_is_a_clear_error_and_runs_no_code(trained, data_dir, tmp_path):
+    """Planted pickles with a manifest rewritten to match them pass the manifest check; loading them then refuses
+    them (weights_only, no registered custom objects) as one clear error naming the checkpoint, and no code runs."""
+    marker = tmp_path / "code-ran"
+    for name in ("optimizer.bin", "custom_checkpoint_0.pkl"):
+        run = tmp_path / name
+        shutil.copytree(trained[0], run)
+        checkpoint = sorted(run.glob("checkpoint-*"))[-1]
+        torch.save({"counts": MarkerPickle(marker)}, checkpoint / name)
+        manifest = json.loads((checkpoint / training.MANIFEST_FILE).read_text())
+        manifest["files"][name] = {
+            "size": (checkpoint / name).stat().st_size,
+            "sha256": training.file_sha256(checkpoint / name),
+        }
+        (checkpoint / training.MANIFEST_FILE).write_text(json.dumps(manifest))
+        assert training.checkpoint_problem(checkpoint) is None
+        with pytest.raises(UsageError, match=f"the checkpoint .*{checkpoint.name} cannot be loaded"):
+            train(data_dir, run, "--resume_from_checkpoint", "latest", "--max_train_steps", 6)
+        assert not marker.exists()
+
+
 def test_resume_continues_exactly_from_the_newest_complete_checkpoint(trained, data_dir, tmp_path, caplog):
     """With the latest checkpoint incomplete (a file missing), `latest` resumes from the one before (with a warning)
     and ends bit-exactly where the uninterrupted run ended."""

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from .cli import (
     add_debug_argument,
     check_output_dir,
     commit_staging_dir,
+    error_line,
     is_bookkeeping,
     model_folder_kind,
     move_into_place,
@@ -622,7 +624,7 @@ class TrainingRun:
         logger.info(f"  Optimisation steps = {args.max_train_steps}")
         if self.checkpoint is not None:
             accelerator.print(f"Resuming from checkpoint {self.checkpoint}")
-            accelerator.load_state(str(self.checkpoint))
+            load_checkpoint(accelerator, self.checkpoint)
             self.global_step = self.last_checkpoint = checkpoint_step(self.checkpoint)
         self.progress = tqdm(
             total=args.max_train_steps,
@@ -751,6 +753,25 @@ def find_resume_checkpoint(resume_from_checkpoint: Optional[str], output_dir: Pa
     if problem is not None:
         raise UsageError(f"--resume_from_checkpoint {path} is incomplete: {problem}")
     return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path):
+    """`accelerator.load_state(path)`, with what its files may hold that this run cannot load (a pickle refused by
+    `weights_only`, tensors of another model, a file its manifest was rewritten for) as a UsageError naming `path`."""
+    try:
+        accelerator.load_state(str(path))
+    except UsageError:
+        raise
+    except pickle.UnpicklingError as error:
+        raise UsageError(
+            f"the checkpoint {path} cannot be loaded: a file in it holds objects that loading with weights_only "
+            "refuses (it was not written by this run's save); resume from another checkpoint or delete it"
+        ) from error
+    except (EOFError, RuntimeError, KeyError, ValueError, OSError, SafetensorError) as error:
+        raise UsageError(
+            f"the checkpoint {path} cannot be loaded ({type(error).__name__}: {error_line(error)}); "
+            "resume from another checkpoint or delete it"
+        ) from error
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: Optional[int] = None) -> Path:
