@@ -8,6 +8,11 @@ tokens are masked (the training masking) and the transformer predicts them from 
 Reported per ratio: cross-entropy and top-1 accuracy on masked object tokens and on masked background tokens. The
 baseline predicts a token from its 8 neighbours' ids alone (the most frequent id for that neighbourhood on the
 training split's tokens, when `--train-data` is given): what local structure alone determines.
+
+Context use: for the one-object images, every object token is masked alone (all other tokens visible) and predicted,
+first in the image's own grid, then in the grid of the same image with its object recoloured to the next palette
+colour (pixels recoloured, then tokenised; the caption unchanged). A transformer that reads the visible tokens
+follows the recolouring; one that predicts from the caption and the position alone does not.
 """
 
 import argparse
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from enat_diffusers import ENATPipeline
-from enat_diffusers.data.shapes import BACKGROUND
+from enat_diffusers.data.shapes import BACKGROUND, COLOURS
 from enat_diffusers.utils.cli import (
     check_output_file,
     load_pipeline,
@@ -33,10 +38,23 @@ from enat_diffusers.utils.cli import (
 RATIOS = (0.05, 0.2, 0.5, 0.8, 0.95)
 
 
-def tokenise(pipe, folder: Path, limit: int):
-    """`(ids (N, L), object-token mask (N, L), captions)` of the first `limit` images of an imagefolder split."""
+def read_split(folder: Path, limit: int):
+    """`(images (N, H, W, 3) uint8, captions)` of the first `limit` images of an imagefolder split."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()[:limit]]
     images = np.stack([np.asarray(PIL.Image.open(folder / row["file_name"]).convert("RGB")) for row in rows])
+    return images, [row["text"] for row in rows]
+
+
+def tokenise(pipe, folder: Path, limit: int):
+    """`(ids (N, L), object-token mask (N, L), captions)` of the first `limit` images of an imagefolder split."""
+    images, captions = read_split(folder, limit)
+    ids, objects = tokenise_images(pipe, images)
+    return ids, objects, captions
+
+
+def tokenise_images(pipe, images: np.ndarray):
+    """`(ids (N, L), object-token mask (N, L))` of `(N, H, W, 3)` uint8 images."""
+    rows = range(len(images))
     factor = images.shape[1] // pipe.transformer.config.sample_size
     side = pipe.transformer.config.sample_size
     foreground = (images != np.array(BACKGROUND)).any(-1)  # (N, H, W)
@@ -47,7 +65,47 @@ def tokenise(pipe, folder: Path, limit: int):
         for start in range(0, len(rows), 64):
             latents = pipe.vqvae.encode(pixels[start : start + 64]).latents
             ids.append(pipe.vqvae.quantize(latents)[2][2].reshape(latents.shape[0], -1))
-    return torch.cat(ids), torch.from_numpy(objects), [row["text"] for row in rows]
+    return torch.cat(ids), torch.from_numpy(objects)
+
+
+def recolour(image: np.ndarray) -> np.ndarray:
+    """The image with every object pixel in the next palette colour (red -> green -> ... -> purple -> red)."""
+    palette = np.array(list(COLOURS.values()))
+    out = image.copy()
+    for index, colour in enumerate(palette):
+        out[(image == colour).all(-1)] = palette[(index + 1) % len(palette)]
+    return out
+
+
+@torch.no_grad()
+def context_use(pipe, images: np.ndarray, captions) -> dict:
+    """Object tokens of (up to 64) one-object images masked one at a time, every other token visible: the share
+    predicted right in the image's own grid, and the share that follows its recoloured grid (caption unchanged)."""
+    single = [i for i, caption in enumerate(captions) if " and " not in caption][:64]
+    if not single:
+        return {"num_tokens": 0}
+    own, objects = tokenise_images(pipe, images[single])
+    other, _ = tokenise_images(pipe, np.stack([recolour(images[i]) for i in single]))
+    embeds, pooled, _, _ = pipe.encode_prompt([captions[i] for i in single], "cpu", 1, False)
+    right = Counter()
+    for row in range(len(single)):
+        positions = objects[row].nonzero().flatten()
+        for name, grid in (("own", own[row]), ("recoloured", other[row])):
+            batch = grid.repeat(len(positions), 1)
+            batch[torch.arange(len(positions)), positions] = pipe.transformer.mask_token_id
+            logits = pipe.transformer(
+                batch,
+                encoder_hidden_states=embeds[row : row + 1].expand(len(positions), -1, -1),
+                pooled_text_embeds=pooled[row : row + 1].expand(len(positions), -1),
+            ).logits
+            predicted = logits[torch.arange(len(positions)), positions].argmax(-1)
+            right[name] += (predicted == grid[positions]).sum().item()
+        right["n"] += len(positions)
+    return {
+        "num_tokens": right["n"],
+        "own_grid_top1": right["own"] / right["n"],
+        "recoloured_grid_follows": right["recoloured"] / right["n"],
+    }
 
 
 def neighbourhoods(ids: torch.Tensor, side: int) -> np.ndarray:
@@ -120,6 +178,12 @@ def _run(args):
             report["ratios"][ratio] = row
             print(f"{ratio:>10} {row['object_ce']:>10.3f} {row['object_top1']:>13.1%} {row['background_ce']:>14.3f} "
                   f"{row['background_top1']:>17.1%}")  # fmt: skip
+    images, captions = read_split(Path(args.data), args.num_images)
+    report["context_use"] = use = context_use(pipe, images, captions)
+    if use["num_tokens"]:
+        print(f"context use ({use['num_tokens']} object tokens of one-object images, each masked alone): right "
+              f"{use['own_grid_top1']:.1%}; with the object recoloured, the prediction follows the visible tokens "
+              f"{use['recoloured_grid_follows']:.1%}")  # fmt: skip
     if args.train_data:
         train_ids, _, _ = tokenise(pipe, Path(args.train_data), args.num_train_images)
         report["neighbour_baseline_object_top1"] = neighbour_baseline(train_ids, ids, objects, side)
