@@ -61,15 +61,18 @@ ENAT_SHAPES_ARGS := --vqvae_name_or_path $(TRAIN_DIR)/vqgan/vqvae --text_encoder
 
 .PHONY: test demo train-demo install-demo-model space bench style quality
 
+# --no-compile: pip does not byte-compile every file of every package at install time (torch alone has thousands);
+# Python compiles the modules that are imported, on first use
+PIP_INSTALL := $(PY) -m pip install -q --no-compile
+
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
-	# only open_clip's BPE vocabulary file is used (offline CLIP tokenizer): without its dependencies (torchvision)
-	$(PY) -m pip install -q --no-deps open_clip_torch
-	# FID's InceptionV3 (examples/evaluate.py) from torch-fidelity, without the torchvision it lists (unused here)
-	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.3"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) "$(TORCH)" $(TORCH_PIP_ARGS)
+	# only open_clip's BPE vocabulary file is used (offline CLIP tokenizer), and only torch-fidelity's InceptionV3
+	# (examples/evaluate.py): both without their dependencies (torchvision)
+	$(PIP_INSTALL) --no-deps open_clip_torch "torch-fidelity>=0.3"
+	$(PIP_INSTALL) -e ".[test]"
 	touch $@
 
 # Tests run in one worker process per core (pytest-xdist), each on one thread: the tiny test models run fastest so,
@@ -141,7 +144,7 @@ install-demo-model: $(TRAIN_DIR)/enat-shapes/shapes_eval.json
 # chromium when it is installed (`apt-get install chromium`; .ci/run does it), and is skipped otherwise.
 SPACE_PORT ?= 7860
 $(VENV)/.space-installed: $(VENV)/.installed examples/spaces/requirements.txt
-	$(PY) -m pip install -q -r examples/spaces/requirements.txt playwright==1.65.2
+	$(PIP_INSTALL) -r examples/spaces/requirements.txt playwright==1.65.2
 	touch $@
 
 space: $(VENV)/.space-installed
