@@ -22,7 +22,12 @@ the patch ids (the held-out accuracy is printed), and `ENATPipeline` decodes the
 written to `OUTPUT_DIR/patch_codes.json`.
 
     accelerate launch examples/shapes/train_patch_vq.py --train_data_dir shapes/train \\
-        --validation_data_dir shapes/validation --output_dir patch-vq --num_masks 48 --max_train_steps 800
+        --validation_data_dir shapes/validation --output_dir patch-vq --num_masks 48 --train_batch_size 32 \\
+        --max_train_steps 600 --learning_rate 3e-3
+
+On the 30,000-image Shapes split this gives 241 ids, 99.1 % of held-out patches encoded to their id and 27.8 dB PSNR
+(18 minutes on one thread). An ENAT trained on these ids is not better than on the learned ones: see "Ids that spell
+their patch" in docs/shapes-model-experiments.md.
 
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
