@@ -76,10 +76,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # Tests run in one worker process per core (pytest-xdist), each on one thread: the tiny test models run fastest so,
-# and the workers never oversubscribe the machine. --dist worksteal: a worker that runs out of tests takes queued ones
-# from the other, so the run does not wait on one worker's backlog behind a long test.
+# and the workers never oversubscribe the machine.
 test: $(VENV)/.space-installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto tests
 
 demo: $(VENV)/.installed $(DEMO_MODEL)/model_index.json
 	$(PY) examples/generate.py --model $(DEMO_MODEL) $(DEMO_CONDITION) --output-dir outputs/demo --overwrite
