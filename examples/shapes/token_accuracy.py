@@ -145,7 +145,8 @@ def _run(args):
     if args.json:
         check_output_file(args.json, [args.model, args.data, args.train_data], "--json", overwrite=True)
     pipe = load_pipeline(ENATPipeline, args.model)
-    ids, objects, captions = tokenise(pipe, Path(args.data), args.num_images)
+    images, captions = read_split(Path(args.data), args.num_images)
+    ids, objects = tokenise_images(pipe, images)
     mask_id, side = pipe.transformer.mask_token_id, pipe.transformer.config.sample_size
     generator = torch.Generator().manual_seed(args.seed)
     report = {"model": args.model, "num_images": len(captions), "ratios": {}}
@@ -178,7 +179,6 @@ def _run(args):
             report["ratios"][ratio] = row
             print(f"{ratio:>10} {row['object_ce']:>10.3f} {row['object_top1']:>13.1%} {row['background_ce']:>14.3f} "
                   f"{row['background_top1']:>17.1%}")  # fmt: skip
-    images, captions = read_split(Path(args.data), args.num_images)
     report["context_use"] = use = context_use(pipe, images, captions)
     if use["num_tokens"]:
         print(f"context use ({use['num_tokens']} object tokens of one-object images, each masked alone): right "
