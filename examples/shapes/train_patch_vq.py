@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers import VQModel
 
 from enat_diffusers.data.shapes import BACKGROUND, COLOURS
-from enat_diffusers.utils.cli import run_cli
+from enat_diffusers.utils.cli import UsageError, run_cli
 from enat_diffusers.utils.training import (
     TrainingRun,
     add_common_arguments,
@@ -200,6 +200,11 @@ def main(args):
 
 def train(args, run: TrainingRun):
     accelerator = run.accelerator
+    if accelerator.num_processes > 1:
+        raise UsageError(
+            f"train_patch_vq.py trains in one process (got {accelerator.num_processes}): its losses call the "
+            "VQModel's encoder and decoder directly, which would not synchronise gradients across processes"
+        )
     train_images = load_images(ImageFolderDataset(find_images(args.train_data_dir), args.resolution))
     validation_dir = args.validation_data_dir or args.train_data_dir
     validation_images = load_images(ImageFolderDataset(find_images(validation_dir), args.resolution), 512)
@@ -230,12 +235,13 @@ def train(args, run: TrainingRun):
     model, optimizer, dataloader, lr_scheduler = run.prepare(vqvae, train_dataset)
     describe = {"Training / held-out images": f"{len(train_dataset)} / {len(validation_dataset)}"}
     run.start("train_patch_vq", describe)
+    # the losses call encode/decode/quantize separately, outside the wrapper's forward: one process only
+    vq = accelerator.unwrap_model(model)
     for images, ids in run.batches(dataloader):
         with accelerator.accumulate(model):
-            unwrapped = accelerator.unwrap_model(model)
-            latents = unwrapped.encode(images).latents
-            id_loss = F.cross_entropy(code_logits(unwrapped, latents), ids.reshape(-1))
-            reconstruction_loss = F.l1_loss(decode_ids(unwrapped, ids), images)
+            latents = vq.encode(images).latents
+            id_loss = F.cross_entropy(code_logits(vq, latents), ids.reshape(-1))
+            reconstruction_loss = F.l1_loss(decode_ids(vq, ids), images)
             loss = reconstruction_loss + args.id_loss_weight * id_loss
             run.optimizer_step(model, loss, optimizer, lr_scheduler)
         if not run.step_done():
