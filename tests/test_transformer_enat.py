@@ -239,3 +239,99 @@ def test_reuse_state_of_another_batch_or_shape(small):
             class_labels=labels,
             reuse_state=ENATReuseState(state.hidden_states, uneven),
         )
+
+
+# ------------------------------------------------------------------------------ 2D rotary position embeddings
+
+
+def test_rotary_scores_depend_on_the_grid_offset_only():
+    from enat_diffusers.models.transformer_enat import apply_rotary, grid_rotary_table
+
+    side, head_dim = 5, 8
+    cos, sin = grid_rotary_table(side, head_dim)
+    assert cos.shape == sin.shape == (side * side + 1, head_dim)
+    assert torch.equal(cos[-1], torch.ones(head_dim)) and torch.equal(sin[-1], torch.zeros(head_dim))
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(p, r):  # the rotated q at grid position p against the rotated k at r, positions as (row, col)
+        rows = torch.tensor([[p[0] * side + p[1], r[0] * side + r[1]]])
+        x = torch.stack([q, k]).view(1, 2, 1, head_dim)
+        rotated = apply_rotary(x, (cos[rows], sin[rows]))[0, :, 0]
+        return float(rotated[0] @ rotated[1])
+
+    assert score((0, 0), (1, 2)) == pytest.approx(score((3, 2), (4, 4)), abs=1e-5)  # same offset (1, 2)
+    assert score((2, 1), (2, 3)) == pytest.approx(score((0, 0), (0, 2)), abs=1e-5)
+    assert abs(score((0, 0), (1, 2)) - score((0, 0), (2, 1))) > 1e-3  # rows and columns are told apart
+    assert float(q @ k) == pytest.approx(score((3, 3), (3, 3)), abs=1e-5)  # no offset, no change
+
+
+def positional_model():
+    """A rotary text model whose blocks and prev_proj are the identity and whose token embeddings are zero, so
+    every hidden state entering attention is its token's (normalised) position embedding: its grid position can be
+    read back and checked against the rotation it gets."""
+    model = ENATTransformer2DModel(
+        sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_encoder_layers=2,
+        num_decoder_layers=2, num_classes=None, text_embed_dim=16, use_rotary_positional_embeddings=True,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model.prev_proj.ff.net[2].weight.zero_()
+        model.prev_proj.ff.net[2].bias.zero_()
+        model.embed.word_embeddings.weight.zero_()
+    return model
+
+
+def test_rotary_positions_follow_their_tokens_with_and_without_reuse(monkeypatch):
+    from enat_diffusers.models import transformer_enat
+
+    model = positional_model()
+    norm = torch.nn.functional.layer_norm
+    table = norm(norm(model.embed.position_embeddings.weight, (32,), eps=1e-6), (32,), eps=1e-6).detach()
+    cos_table = transformer_enat.grid_rotary_table(4, 16)[0]
+    checked = {"image": 0, "text": 0, "wrong": 0}
+
+    def check(states, rotary):
+        similarity = torch.nn.functional.normalize(states, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+        best, position = similarity.max(-1)  # (B, N)
+        for b, n in torch.cartesian_prod(torch.arange(states.shape[0]), torch.arange(states.shape[1])).tolist():
+            kind = "image" if best[b, n] > 0.999 else "text"
+            expected = cos_table[position[b, n]] if kind == "image" else cos_table[-1]
+            checked[kind] += 1
+            checked["wrong"] += not torch.allclose(rotary[0][b, n], expected)
+
+    original = transformer_enat.ENATAttnProcessor.__call__
+
+    def checking(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        check(hidden_states, rotary_emb[0])
+        if encoder_hidden_states is not None:
+            check(encoder_hidden_states, rotary_emb[1])
+        return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+    monkeypatch.setattr(transformer_enat.ENATAttnProcessor, "__call__", checking)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 8, (3, 16), generator=generator)
+    order = torch.rand(3, 16, generator=generator).argsort(1)
+    text, pooled = torch.randn(3, 5, 16, generator=generator), torch.randn(3, 16, generator=generator)
+    with torch.no_grad():
+        first = clean.scatter(1, order[:, :12], 8)  # 4 visible per row, at different positions in each row
+        state = model(first, encoder_hidden_states=text, pooled_text_embeds=pooled).reuse_state
+        model(clean.scatter(1, order[:, :9], 8), pooled_text_embeds=pooled, reuse_state=state)  # 3 revealed
+    assert checked["wrong"] == 0
+    assert checked["image"] > 100 and checked["text"] > 20  # both kinds of token were seen in every role
+
+
+def test_rotary_model_round_trip_and_default_off(tmp_path):
+    plain = tiny_transformer(num_classes=None, text_embed_dim=12)
+    assert plain.config.use_rotary_positional_embeddings is False
+    model = tiny_transformer(num_classes=None, text_embed_dim=12, use_rotary_positional_embeddings=True)
+    ids = torch.randint(0, 8, (2, 16))
+    ids[:, 3:11] = 8
+    text, pooled = torch.randn(2, 5, 12), torch.randn(2, 12)
+    with torch.no_grad():
+        logits = model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits
+        assert (logits - plain(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits).abs().max() > 1e-3
+        model.save_pretrained(tmp_path)
+        loaded = ENATTransformer2DModel.from_pretrained(tmp_path).eval()
+        assert loaded.config.use_rotary_positional_embeddings is True
+        assert torch.equal(loaded(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits, logits)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ENATTransformer2DModel(hidden_size=36, num_attention_heads=6, use_rotary_positional_embeddings=True)

@@ -11,7 +11,7 @@ ENAT is a non-autoregressive transformer over VQ tokens. Two ideas shape this fi
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
@@ -127,11 +128,37 @@ class ENATPrevProjection(nn.Module):
         return hidden_states + self.ff(self.norm(hidden_states))
 
 
+def grid_rotary_table(side: int, head_dim: int, theta: float = 10000.0):
+    """
+    2D rotary frequencies of a `side` x `side` token grid in raster order: the first half of each head's features
+    rotates with the row, the second half with the column (as Flux and Lumina split their axes). Returns `(cos, sin)`,
+    each `(side**2 + 1, head_dim)`; the extra last row is the identity (cos 1, sin 0), the rotation of tokens without
+    a grid position (text tokens).
+    """
+    positions = torch.arange(side * side)
+    tables = [
+        get_1d_rotary_pos_embed(head_dim // 2, axis, theta, use_real=True, repeat_interleave_real=True)
+        for axis in (positions // side, positions % side)
+    ]
+    cos, sin = (torch.cat([table[i] for table in tables], dim=-1) for i in (0, 1))  # (L, head_dim)
+    return torch.cat([cos, torch.ones(1, head_dim)]), torch.cat([sin, torch.zeros(1, head_dim)])
+
+
+def apply_rotary(x: torch.Tensor, rotary: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotates `x` `(B, N, H, Dh)` by per-token `(cos, sin)`, each `(B, N, Dh)`, pairing features (2i, 2i+1)."""
+    cos, sin = (t.unsqueeze(2) for t in rotary)
+    real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
 class ENATAttnProcessor:
     """
     Default processor of [`ENATAttention`]: queries from the block's own tokens; keys and values from [context
     tokens (through `add_k_proj`/`add_v_proj`), own tokens (through `to_k`/`to_v`)]. Attention itself goes through
-    diffusers' `dispatch_attention_fn`, so `attention_backend(...)` and `set_attention_backend` apply.
+    diffusers' `dispatch_attention_fn`, so `attention_backend(...)` and `set_attention_backend` apply. With
+    `rotary_emb = ((cos, sin) of the own tokens, (cos, sin) of the context tokens or None)`, queries and keys are
+    rotated by their tokens' grid positions first.
     """
 
     _attention_backend = None
@@ -143,6 +170,7 @@ class ENATAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[tuple] = None,
     ) -> torch.Tensor:
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -154,12 +182,19 @@ class ENATAttnProcessor:
             else:
                 context_key = attn.add_k_proj(encoder_hidden_states)
                 context_value = attn.add_v_proj(encoder_hidden_states)
-            key = torch.cat([context_key, key], dim=1)  # (B, Nc + N, D)
-            value = torch.cat([context_value, value], dim=1)
-
         query, key, value = (
             x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (query, key, value)
         )  # (B, N, H, Dh)
+        if rotary_emb is not None:
+            query, key = apply_rotary(query, rotary_emb[0]), apply_rotary(key, rotary_emb[0])
+        if encoder_hidden_states is not None:
+            context_key, context_value = (
+                x.unflatten(-1, (attn.heads, attn.head_dim)) for x in (context_key, context_value)
+            )
+            if rotary_emb is not None:
+                context_key = apply_rotary(context_key, rotary_emb[1])
+            key = torch.cat([context_key, key], dim=1)  # (B, Nc + N, H, Dh)
+            value = torch.cat([context_value, value], dim=1)
         hidden_states = dispatch_attention_fn(
             query,
             key,
@@ -253,6 +288,7 @@ class ENATBlock(nn.Module):
         hidden_states: torch.Tensor,
         conditioning: torch.Tensor,
         context: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[tuple] = None,
     ) -> torch.Tensor:
         modulation = self.adaLN_modulation(F.silu(conditioning)).unsqueeze(1)  # (B, 1, 8D)
         shift_msa, scale_msa, shift_ctx, scale_ctx, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(8, -1)
@@ -260,7 +296,8 @@ class ENATBlock(nn.Module):
         norm_hidden_states = modulate(self.norm1(hidden_states), shift_msa, scale_msa)
         if context is not None:
             context = modulate(self.norm1_context(context), shift_ctx, scale_ctx)
-        hidden_states = hidden_states + gate_msa * self.attn(norm_hidden_states, context)
+        attention_kwargs = {} if rotary_emb is None else {"rotary_emb": rotary_emb}
+        hidden_states = hidden_states + gate_msa * self.attn(norm_hidden_states, context, **attention_kwargs)
 
         norm_hidden_states = modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
         return hidden_states + gate_mlp * self.ff(norm_hidden_states)
@@ -308,6 +345,11 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             null (unconditional) class id is `num_classes`. `None` for text-to-image models.
         text_embed_dim (`int`, *optional*): Width of the text encoder's token and pooled embeddings (768 for CLIP
             ViT-L/14). Set for text-to-image models only.
+        use_rotary_positional_embeddings (`bool`, defaults to `False`): This package's extension (the released
+            checkpoints have none): every attention rotates queries and keys by their tokens' 2D grid positions
+            (`grid_rotary_table`; text tokens are not rotated), on top of the learned absolute position embedding.
+            Attention scores then depend on relative offsets, so a masked token can find its neighbours among the
+            visible tokens from the start of training.
     """
 
     _supports_gradient_checkpointing = True
@@ -332,6 +374,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         # conditioning: exactly one of the two
         num_classes: Optional[int] = 1000,
         text_embed_dim: Optional[int] = None,
+        # this package's extension
+        use_rotary_positional_embeddings: bool = False,
     ):
         super().__init__()
         if (num_classes is None) == (text_embed_dim is None):
@@ -341,6 +385,12 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             )
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be at least 1, got {num_decoder_layers}.")
+        head_dim = hidden_size // num_attention_heads
+        if use_rotary_positional_embeddings and head_dim % 4:
+            raise ValueError(
+                f"2D rotary embeddings rotate feature pairs along two axes: the head dimension (hidden_size / "
+                f"num_attention_heads = {head_dim}) must be a multiple of 4."
+            )
 
         # vocabulary: the codebook plus [MASK] (id = codebook_size)
         self.embed = ENATTokenEmbedding(codebook_size + 1, sample_size**2, hidden_size)
@@ -390,13 +440,24 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     def null_class_label(self) -> Optional[int]:
         return self.config.num_classes
 
-    def _run_blocks(self, blocks, hidden_states, conditioning, context):
+    def _run_blocks(self, blocks, hidden_states, conditioning, context, rotary_emb):
         for block in blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning, context)
+                hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, conditioning, context, rotary_emb
+                )
             else:
-                hidden_states = block(hidden_states, conditioning, context)
+                hidden_states = block(hidden_states, conditioning, context, rotary_emb)
         return hidden_states
+
+    def _rotary_emb(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)`, each `(B, N, head_dim)`, of raster `positions` `(B, N)` (`sample_size**2`: no rotation)."""
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        table = getattr(self, "_rotary_table", None)
+        if table is None or table[0].device != positions.device:
+            table = tuple(t.to(positions.device) for t in grid_rotary_table(self.config.sample_size, head_dim))
+            self._rotary_table = table
+        return tuple(t[positions].to(dtype) for t in table)
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -474,14 +535,33 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             # dynamic int8 quantization fails on them)
             encoder_context = self.prev_proj(old_states).to(hidden_states.dtype) if old_states.shape[1] else None
             encoder_input = new_tokens
+        context_positions = encoder_positions = decoder_rotary = encoder_rotary = None
+        if self.config.use_rotary_positional_embeddings:
+            # grid positions of [text | old | new | masked] tokens, in the order of the tensors above
+            positions = order[..., 0]
+            text_positions = positions.new_full((batch_size, num_text), seq_len)
+            new_positions = positions[:, num_old : num_old + num_new]
+            if reuse_state is None:
+                encoder_positions = torch.cat([text_positions, new_positions], dim=1)
+            else:
+                context_positions = torch.cat([text_positions, positions[:, :num_old]], dim=1)
+                encoder_positions = new_positions
+            rotary = lambda p: None if p is None else self._rotary_emb(p, hidden_states.dtype)  # noqa: E731
+            encoder_rotary = (rotary(encoder_positions), rotary(context_positions))
+            visible_positions = [p for p in (context_positions, encoder_positions) if p is not None]
+            decoder_rotary = (rotary(positions[:, num_old + num_new :]), rotary(torch.cat(visible_positions, dim=1)))
         if encoder_input.shape[1] > 0:
-            encoder_input = self._run_blocks(self.encoder_blocks, encoder_input, conditioning, encoder_context)
+            encoder_input = self._run_blocks(
+                self.encoder_blocks, encoder_input, conditioning, encoder_context, encoder_rotary
+            )
         visible = encoder_input if encoder_context is None else torch.cat([encoder_context, encoder_input], dim=1)
 
         # 4. Decoder: masked tokens attend to [all visible tokens, masked tokens].
         decoder_context = visible if visible.shape[1] > 0 else None
         if masked_tokens.shape[1] > 0:
-            masked_tokens = self._run_blocks(self.decoder_blocks, masked_tokens, conditioning, decoder_context)
+            masked_tokens = self._run_blocks(
+                self.decoder_blocks, masked_tokens, conditioning, decoder_context, decoder_rotary
+            )
 
         # 5. Image tokens back to raster order; text tokens lead the visible set.
         text_states, image_states = visible.split([num_text, seq_len - num_masked], dim=1)
