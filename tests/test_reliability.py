@@ -281,6 +281,17 @@ def test_numpy_integer_labels_are_accepted(class_pipe):
     assert class_pipe(class_labels=np.array([1, 2]), num_inference_steps=2, output_type="latent").images.shape[0] == 2
 
 
+def test_numpy_integer_steps_are_taken_like_ints(class_pipe):
+    def run(steps):
+        generator = torch.Generator().manual_seed(0)
+        return class_pipe(class_labels=[3], num_inference_steps=steps, generator=generator, output_type="latent").images
+
+    assert torch.equal(run(np.int64(3)), run(3))
+    assert not torch.equal(run(np.int32(1)), run(3))  # the number is used, not replaced by a default
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer"):
+        run(np.bool_(True))
+
+
 def test_reuse_state_of_another_dtype_is_a_clear_error():
     model = tiny_class_pipeline().transformer
     ids = torch.full((1, 16), 8)

@@ -878,6 +878,8 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if num_inference_steps is None:
             num_inference_steps = self.scheduler.strategy_num_steps or DEFAULT_NUM_INFERENCE_STEPS
+        elif isinstance(num_inference_steps, np.integer) and not isinstance(num_inference_steps, np.bool_):
+            num_inference_steps = int(num_inference_steps)  # NumPy integers are taken, as for class labels
         return num_inference_steps, callback_on_step_end_tensor_inputs
 
     def _check_start_latents(self, latents) -> torch.LongTensor:
