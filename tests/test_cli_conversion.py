@@ -34,6 +34,12 @@ def test_both_module_paths_run_the_converter(tmp_path, monkeypatch, capsys):
     assert "--transformer-checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module", ["enat_diffusers.conversion", "enat_diffusers.conversion.cli"])
+def test_usage_errors_name_the_command_that_was_run(module, monkeypatch, capsys):
+    assert run_module(module, "--output-dir", "out", monkeypatch=monkeypatch) == 2  # no --transformer-checkpoint
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m {module}: error: ")
+
+
 def test_a_failed_write_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')

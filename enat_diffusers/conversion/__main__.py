@@ -5,4 +5,4 @@ from .cli import main
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m enat_diffusers.conversion")

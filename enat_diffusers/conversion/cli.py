@@ -37,10 +37,9 @@ from .checkpoints import (
 )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="convert_enat_to_diffusers.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def parse_args(argv=None, prog=None):
+    """`prog`: the command's name in usage and error lines (default: the script's file name)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transformer-checkpoint", required=True, help="original ENAT weights (e.g. nnet_ema.pth)")
     parser.add_argument("--vqgan-checkpoint", help="original VQGAN weights (vqgan_jax_strongaug.ckpt)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT or AutoNAT checkpoint")
@@ -84,8 +83,8 @@ def check_output_dir(output_dir: Path, inputs, overwrite: bool):
     cli_utils.check_output_dir(output_dir, inputs, "--output-dir", allow_model_folder=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=None):
+    args = parse_args(argv, prog)
     output_dir = Path(args.output_dir)
     preset = PRESETS.get(args.preset, {})
     heads = preset.get("num_attention_heads", args.num_attention_heads)
@@ -131,4 +130,4 @@ def convert(args, output_dir: Path, preset: dict, heads, encoder_layers, inputs)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m enat_diffusers.conversion.cli")
