@@ -65,3 +65,34 @@ def test_context_use_separates_a_transformer_that_reads_the_grid_from_one_that_d
     assert abs(copier["recoloured_grid_follows"] - copier["own_grid_top1"]) < 0.2
     assert shipped["recoloured_grid_follows"] < copier["recoloured_grid_follows"] - 0.2
     assert token_accuracy.context_use(pipe, images[:0], [])["num_tokens"] == 0
+
+
+def test_decoder_attention_locality_is_uniform_for_constant_scores_and_high_for_local_ones(pipe):
+    import copy
+
+    images = np.stack([image("red"), image("blue", "circle", (30, 34))])
+    captions = ["a large red square in the centre", "a large blue circle in the centre"]
+    ids = token_accuracy.tokenise_images(pipe, images)[0]
+
+    def measured(transformer):
+        changed = ENATPipeline(**{**pipe.components, "transformer": transformer})
+        return token_accuracy.decoder_attention_locality(changed, ids, captions, torch.Generator().manual_seed(0))
+
+    def constant_queries_and_keys(transformer, bias):
+        with torch.no_grad():
+            for block in transformer.decoder_blocks:
+                for linear in (block.attn.to_q, block.attn.to_k, block.attn.add_k_proj):
+                    linear.weight.zero_()
+                    linear.bias.fill_(bias)
+        return transformer
+
+    # every query-key score equal: each head's share on the neighbours is the uniform share
+    flat = measured(constant_queries_and_keys(copy.deepcopy(pipe.transformer), 1.0))
+    assert np.shape(flat["neighbour_share"]) == (2, 4) and 0.01 < flat["uniform_share"] < 0.06
+    assert np.allclose(flat["neighbour_share"], flat["uniform_share"], atol=1e-6)
+    # the same constant queries and keys rotated by grid position score nearby tokens highest
+    rotary = type(pipe.transformer).from_config(pipe.transformer.config, use_rotary_positional_embeddings=True)
+    rotary.load_state_dict(pipe.transformer.state_dict())
+    local = measured(constant_queries_and_keys(rotary.eval(), 2.0))
+    assert np.min(local["neighbour_share"]) > 5 * local["uniform_share"]
+    assert local["uniform_share"] == pytest.approx(flat["uniform_share"])  # the same masks

@@ -13,6 +13,10 @@ Context use: for the one-object images, every object token is masked alone (all 
 first in the image's own grid, then in the grid of the same image with its object recoloured to the next palette
 colour (pixels recoloured, then tokenised; the caption unchanged). A transformer that reads the visible tokens
 follows the recolouring; one that predicts from the caption and the position alone does not.
+
+Decoder attention locality: with half the tokens masked, the share of each decoder head's attention to visible image
+tokens that falls on a masked token's 8 neighbours, next to the share a uniform attention would give. A head that
+finds the neighbours is far above uniform.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from enat_diffusers import ENATPipeline
+from enat_diffusers.models import transformer_enat
 from enat_diffusers.data.shapes import BACKGROUND, COLOURS
 from enat_diffusers.utils.cli import (
     check_output_file,
@@ -108,6 +113,58 @@ def context_use(pipe, images: np.ndarray, captions) -> dict:
     }
 
 
+@torch.no_grad()
+def decoder_attention_locality(pipe, ids: torch.Tensor, captions, generator, ratio: float = 0.5) -> dict:
+    """
+    `ids` `(N, L)` with `round(L * ratio)` tokens masked at random, run without reuse: for every decoder layer and
+    head, the share of a masked token's attention to visible image tokens that falls on its 8 neighbours (mean over
+    masked tokens and images), and the share that uniform attention would give. The attention weights are computed
+    from the queries and keys that the attention processor hands to `dispatch_attention_fn` (after any rotation);
+    keys come as [text, visible tokens in raster order, masked tokens].
+    """
+    transformer = pipe.transformer
+    side, mask_id = transformer.config.sample_size, transformer.mask_token_id
+    noisy = pipe.scheduler.add_noise(ids, generator=generator, mask_ratio=ratio)
+    masked = noisy == mask_id
+    embeds, pooled, _, _ = pipe.encode_prompt(list(captions), "cpu", 1, False)
+    captured, layer = [], [None]
+    original = transformer_enat.dispatch_attention_fn
+
+    def recording(query, key, value, **kwargs):
+        if layer[0] is not None:  # (B, N, H, Dh) -> weights (B, H, Nq, Nk)
+            scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) * query.shape[-1] ** -0.5
+            captured.append(scores.softmax(-1))
+        return original(query, key, value, **kwargs)
+
+    hooks = []
+    for index, block in enumerate(transformer.decoder_blocks):
+        hooks.append(block.register_forward_pre_hook(lambda *_, index=index: layer.__setitem__(0, index)))
+        hooks.append(block.register_forward_hook(lambda *_: layer.__setitem__(0, None)))
+    transformer_enat.dispatch_attention_fn = recording
+    try:
+        transformer(noisy, encoder_hidden_states=embeds, pooled_text_embeds=pooled)
+    finally:
+        transformer_enat.dispatch_attention_fn = original
+        for hook in hooks:
+            hook.remove()
+    rows, cols = torch.arange(side * side) // side, torch.arange(side * side) % side
+    num_text, num_visible = embeds.shape[1], int((~masked[0]).sum())
+    shares, uniform = [], []
+    for weights in captured:  # one decoder layer
+        per_image = []
+        for b in range(len(ids)):
+            visible, queries = (~masked[b]).nonzero().flatten(), masked[b].nonzero().flatten()
+            distance = torch.maximum(
+                (rows[queries, None] - rows[None, visible]).abs(), (cols[queries, None] - cols[None, visible]).abs()
+            )
+            near = (distance == 1).float()  # (n_masked, n_visible)
+            on_visible = weights[b, :, :, num_text : num_text + num_visible]  # (H, n_masked, n_visible)
+            per_image.append(((on_visible * near).sum(-1) / on_visible.sum(-1).clamp_min(1e-12)).mean(-1))
+            uniform.append((near.sum(-1) / num_visible).mean())
+        shares.append(torch.stack(per_image).mean(0).tolist())
+    return {"mask_ratio": ratio, "neighbour_share": shares, "uniform_share": float(torch.stack(uniform).mean())}
+
+
 def neighbourhoods(ids: torch.Tensor, side: int) -> np.ndarray:
     """`(N * L, 8)` ids of each token's 8 neighbours (-1 outside the grid)."""
     grid = np.pad(ids.reshape(-1, side, side).numpy(), ((0, 0), (1, 1), (1, 1)), constant_values=-1)
@@ -184,6 +241,14 @@ def _run(args):
         print(f"context use ({use['num_tokens']} object tokens of one-object images, each masked alone): right "
               f"{use['own_grid_top1']:.1%}; with the object recoloured, the prediction follows the visible tokens "
               f"{use['recoloured_grid_follows']:.1%}")  # fmt: skip
+    report["decoder_attention"] = locality = decoder_attention_locality(
+        pipe, ids[:64], captions[:64], torch.Generator().manual_seed(args.seed)
+    )
+    heads = "; ".join(
+        f"layer {i}: " + " ".join(f"{share:.2f}" for share in layer) for i, layer in enumerate(locality["neighbour_share"])
+    )
+    print(f"decoder attention to visible tokens on the 8 neighbours (mask ratio {locality['mask_ratio']}), per head: "
+          f"{heads} (uniform: {locality['uniform_share']:.3f})")  # fmt: skip
     if args.train_data:
         train_ids, _, _ = tokenise(pipe, Path(args.train_data), args.num_train_images)
         report["neighbour_baseline_object_top1"] = neighbour_baseline(train_ids, ids, objects, side)
