@@ -416,3 +416,29 @@ def test_evaluation_cli_reads_imagefolder_lines_clearly(tmp_path):
     metadata.write_text("\n".join([lines[0], json.dumps({"text": json.loads(lines[1])["text"]}), lines[2]]) + "\n")
     with pytest.raises(SystemExit, match=r"error: .*metadata.jsonl line 2 has no file_name\.$"):
         shapes_eval.main(["--images-dir", str(tmp_path / "validation")])
+
+
+def test_colour_copied_from_the_other_object_is_counted(evaluator):
+    def scene(left_colour, right_colour):
+        return shapes.render_scene(
+            [
+                shapes.ShapeObject("square", "large", left_colour, "left", (16, 32)),
+                shapes.ShapeObject("circle", "large", right_colour, "right", (48, 32)),
+            ]
+        )
+
+    caption = "a large red square on the left and a large blue circle on the right"
+    images = [scene("red", "blue"), scene("red", "red"), scene("red", "green"), scene("blue", "blue")]
+    report = evaluator.evaluate(images, [caption] * 4)["all"]
+    # wrong colours: the right circle of image 1 (the left object's red), of image 2 (green, neither object's) and
+    # the left square of image 3 (the right object's blue)
+    assert report["wrong_colour_objects_of_two"] == 3
+    assert report["wrong_colour_from_other_object"] == pytest.approx(2 / 3)
+    one_object = evaluator.evaluate([scene("red", "blue")], ["a large red square on the left"])["all"]
+    assert one_object["wrong_colour_objects_of_two"] == 0 and one_object["wrong_colour_from_other_object"] is None
+    from enat_diffusers.evaluation.shapes import format_report
+
+    table = format_report({"seen": report, "held_out": report, "all": report})
+    assert table.splitlines()[-1] == (
+        "two-object prompts: 3 objects found in the wrong colour, 66.7% of them in the other object's colour"
+    )

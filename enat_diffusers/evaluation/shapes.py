@@ -344,6 +344,20 @@ def _summarise(results: List[Dict]) -> Dict:
     for attribute in ATTRIBUTES:
         summary[attribute] = sum(obj[attribute] for obj in objects) / len(objects) if objects else None
     summary["prompt"] = sum(result["correct"] for result in results) / len(results) if results else None
+    # objects of two-object prompts found in the wrong colour, and how many of them have the other object's colour
+    wrong = [
+        (obj, other)
+        for result in results
+        if len(result["objects"]) == 2
+        for obj, other in (result["objects"], result["objects"][::-1])
+        if obj["found"] and not obj["colour"]
+    ]
+    summary["wrong_colour_objects_of_two"] = len(wrong)
+    summary["wrong_colour_from_other_object"] = (
+        sum(obj["measured"]["colour"] == parse_caption(other["phrase"])[0].colour for obj, other in wrong) / len(wrong)
+        if wrong
+        else None
+    )
     return summary
 
 
@@ -452,6 +466,12 @@ def format_report(report: Dict) -> str:
             value = group[column]
             cells.append(f"{'-':>10}" if value is None else f"{100 * value:>9.1f}%")
         lines.append(f"{label:10}" + "".join(cells))
+    group = report["all"]
+    if group.get("wrong_colour_objects_of_two"):
+        lines.append(
+            f"two-object prompts: {group['wrong_colour_objects_of_two']} objects found in the wrong colour, "
+            f"{100 * group['wrong_colour_from_other_object']:.1f}% of them in the other object's colour"
+        )
     return "\n".join(lines)
 
 
