@@ -284,7 +284,8 @@ def test_numpy_integer_labels_are_accepted(class_pipe):
 def test_numpy_integer_steps_are_taken_like_ints(class_pipe):
     def run(steps):
         generator = torch.Generator().manual_seed(0)
-        return class_pipe(class_labels=[3], num_inference_steps=steps, generator=generator, output_type="latent").images
+        output = class_pipe(class_labels=[3], num_inference_steps=steps, generator=generator, output_type="latent")
+        return output.images
 
     assert torch.equal(run(np.int64(3)), run(3))
     assert not torch.equal(run(np.int32(1)), run(3))  # the number is used, not replaced by a default

@@ -39,7 +39,9 @@ from .checkpoints import (
 
 def parse_args(argv=None, prog=None):
     """`prog`: the command's name in usage and error lines (default: the script's file name)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--transformer-checkpoint", required=True, help="original ENAT weights (e.g. nnet_ema.pth)")
     parser.add_argument("--vqgan-checkpoint", help="original VQGAN weights (vqgan_jax_strongaug.ckpt)")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a released ENAT or AutoNAT checkpoint")

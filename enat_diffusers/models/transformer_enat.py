@@ -459,6 +459,24 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             self._rotary_table = table
         return tuple(t[positions].to(dtype) for t in table)
 
+    def _rotary_embs(self, positions, num_text: int, num_old: int, num_new: int, reuse: bool, dtype):
+        """
+        The rotations `(own tokens, context tokens)` of the encoder's and of the decoder's blocks. `positions` `(B, L)`
+        are the grid positions of the [old | new | masked] image tokens; text tokens lead the visible set, unrotated.
+        """
+        text = positions.new_full((positions.shape[0], num_text), positions.shape[1])
+        positions = torch.cat([text, positions], dim=1)  # [text | old | new | masked]
+        visible = num_text + num_old + num_new
+
+        def rotary(start, end=None):
+            return self._rotary_emb(positions[:, start:end], dtype)
+
+        if reuse:  # the new tokens are encoded; text and old tokens are their context
+            encoder = (rotary(visible - num_new, visible), rotary(0, visible - num_new))
+        else:  # text and new tokens are encoded together
+            encoder = (rotary(0, visible), None)
+        return encoder, (rotary(visible), rotary(0, visible))
+
     @apply_lora_scale("attention_kwargs")
     def forward(
         self,
@@ -535,21 +553,11 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             # dynamic int8 quantization fails on them)
             encoder_context = self.prev_proj(old_states).to(hidden_states.dtype) if old_states.shape[1] else None
             encoder_input = new_tokens
-        context_positions = encoder_positions = decoder_rotary = encoder_rotary = None
+        encoder_rotary = decoder_rotary = None
         if self.config.use_rotary_positional_embeddings:
-            # grid positions of [text | old | new | masked] tokens, in the order of the tensors above
-            positions = order[..., 0]
-            text_positions = positions.new_full((batch_size, num_text), seq_len)
-            new_positions = positions[:, num_old : num_old + num_new]
-            if reuse_state is None:
-                encoder_positions = torch.cat([text_positions, new_positions], dim=1)
-            else:
-                context_positions = torch.cat([text_positions, positions[:, :num_old]], dim=1)
-                encoder_positions = new_positions
-            rotary = lambda p: None if p is None else self._rotary_emb(p, hidden_states.dtype)  # noqa: E731
-            encoder_rotary = (rotary(encoder_positions), rotary(context_positions))
-            visible_positions = [p for p in (context_positions, encoder_positions) if p is not None]
-            decoder_rotary = (rotary(positions[:, num_old + num_new :]), rotary(torch.cat(visible_positions, dim=1)))
+            encoder_rotary, decoder_rotary = self._rotary_embs(
+                order[..., 0], num_text, num_old, num_new, reuse_state is not None, hidden_states.dtype
+            )
         if encoder_input.shape[1] > 0:
             encoder_input = self._run_blocks(
                 self.encoder_blocks, encoder_input, conditioning, encoder_context, encoder_rotary

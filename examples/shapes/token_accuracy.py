@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from enat_diffusers import ENATPipeline
-from enat_diffusers.models import transformer_enat
 from enat_diffusers.data.shapes import BACKGROUND, COLOURS
+from enat_diffusers.models import transformer_enat
 from enat_diffusers.utils.cli import (
     check_output_file,
     load_pipeline,
@@ -127,19 +127,19 @@ def decoder_attention_locality(pipe, ids: torch.Tensor, captions, generator, rat
     noisy = pipe.scheduler.add_noise(ids, generator=generator, mask_ratio=ratio)
     masked = noisy == mask_id
     embeds, pooled, _, _ = pipe.encode_prompt(list(captions), "cpu", 1, False)
-    captured, layer = [], [None]
+    captured, in_decoder = [], [False]
     original = transformer_enat.dispatch_attention_fn
 
     def recording(query, key, value, **kwargs):
-        if layer[0] is not None:  # (B, N, H, Dh) -> weights (B, H, Nq, Nk)
+        if in_decoder[0]:  # (B, N, H, Dh) -> weights (B, H, Nq, Nk)
             scores = torch.einsum("bqhd,bkhd->bhqk", query.float(), key.float()) * query.shape[-1] ** -0.5
             captured.append(scores.softmax(-1))
         return original(query, key, value, **kwargs)
 
     hooks = []
-    for index, block in enumerate(transformer.decoder_blocks):
-        hooks.append(block.register_forward_pre_hook(lambda *_, index=index: layer.__setitem__(0, index)))
-        hooks.append(block.register_forward_hook(lambda *_: layer.__setitem__(0, None)))
+    for block in transformer.decoder_blocks:
+        hooks.append(block.register_forward_pre_hook(lambda *_: in_decoder.__setitem__(0, True)))
+        hooks.append(block.register_forward_hook(lambda *_: in_decoder.__setitem__(0, False)))
     transformer_enat.dispatch_attention_fn = recording
     try:
         transformer(noisy, encoder_hidden_states=embeds, pooled_text_embeds=pooled)
@@ -245,7 +245,8 @@ def _run(args):
         pipe, ids[:64], captions[:64], torch.Generator().manual_seed(args.seed)
     )
     heads = "; ".join(
-        f"layer {i}: " + " ".join(f"{share:.2f}" for share in layer) for i, layer in enumerate(locality["neighbour_share"])
+        f"layer {i}: " + " ".join(f"{share:.2f}" for share in layer)
+        for i, layer in enumerate(locality["neighbour_share"])
     )
     print(f"decoder attention to visible tokens on the 8 neighbours (mask ratio {locality['mask_ratio']}), per head: "
           f"{heads} (uniform: {locality['uniform_share']:.3f})")  # fmt: skip
