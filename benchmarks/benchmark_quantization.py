@@ -63,8 +63,8 @@ from enat_diffusers.conversion import build_transformer  # noqa: E402
 
 
 AUTHORS = "authors' code, float32"
-DEFAULT_FORMS = ["float32", "bfloat16", "int8-dynamic", "int8-weight-only", "float8-dynamic", "float8-weight-only",
-                 "fbgemm-int8-dynamic"]  # fmt: skip
+DEFAULT_FORMS = ["float32", "bfloat16", "int8-dynamic", "int8-dynamic-fbgemm", "int8-weight-only", "float8-dynamic",
+                 "float8-weight-only"]  # fmt: skip
 QUALITY = Path(__file__).resolve().parent / "quantization_quality_shapes.json"
 PROBE_SIZES = (256, 512, 1024, 2048)
 
@@ -264,13 +264,8 @@ def main(argv=None):
 
     candidates = [name for name in rows if name != AUTHORS and rows[name]["quality_bounded"]]
     choice = min(candidates, key=lambda name: rows[name]["median_s"]) if candidates else None
-    diffusers_choice = min((n for n in candidates if not FORMS[n].reference), key=lambda n: rows[n]["median_s"],
-                           default=None)  # fmt: skip
     if choice is not None:
         print(f"use on this CPU: {describe(choice)}")
-    if diffusers_choice not in (None, choice):
-        print(f"  {choice} is torch's deprecated torch.ao API, applied after loading (no save_pretrained); through "
-              f"diffusers' quantization_config: {describe(diffusers_choice)}")  # fmt: skip
     for name, row in rows.items():
         faster = name not in ("float32", AUTHORS) and float32_median and row["median_s"] < float32_median
         if faster and not row["quality_bounded"]:
@@ -283,7 +278,6 @@ def main(argv=None):
         "refused": refused,
         "not_timed": {name: {"probe_slowdown": slowdown} for name, slowdown in skipped.items()},
         "choice": choice,
-        "diffusers_choice": diffusers_choice,
     }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -13,29 +13,24 @@ the activations (and every module kept out) stay float32.
 * `float8-weight-only`: float8 e4m3 weights (a scale per output channel), converted back at every call.
 * `float8-dynamic`: float8 weights and activations (`torch._scaled_mm`); torchao refuses it without a CUDA GPU of
   compute capability 8.9 or more (or MI300, XPU).
-* `fbgemm-int8-dynamic`: FBGEMM's int8 GEMM, activations quantized per tensor at every call (see below).
+* `int8-dynamic-fbgemm`: the `int8-dynamic` weights as loaded, moved into FBGEMM's int8 GEMM after loading
+  (`enat_diffusers.quantization.use_fbgemm_int8`): activations quantized per tensor at every call. The saved folder is
+  `int8-dynamic`'s; only the kernel differs, for CPUs where `torch._int_mm` has no fast kernel (see README.md).
 
-`fbgemm-int8-dynamic` is not a diffusers form: it is torch's own `torch.ao.quantization.quantize_dynamic` (deprecated
-in favour of torchao, still shipped), applied to the loaded float32 transformer. It is timed as a reference for what
-int8 can give on CPUs where torch's `torch._int_mm` has no fast kernel (see README.md); it cannot be saved through
-`save_pretrained` or loaded through `quantization_config`.
-
-`KEEP_FLOAT32`, the modules no form quantizes, is measured by `quantization_quality.py --keep-study` (the results:
-README.md, "Quantization"). The token and class embeddings are `nn.Embedding` tables (and the head scores against
-the token table): torchao never quantizes them.
+`KEEP_FLOAT32` (`enat_diffusers.quantization`), the modules no form quantizes, is measured by
+`quantization_quality.py --keep-study` (the results: README.md, "Quantization"). The token and class embeddings are
+`nn.Embedding` tables (and the head scores against the token table): torchao never quantizes them.
 """
 
 import platform
 import re
 import subprocess
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-
-KEEP_FLOAT32 = ["adaLN_modulation", "mlm_head", "context_embedder", "pooled_text_embedder", "prev_proj"]
+from enat_diffusers.quantization import KEEP_FLOAT32, use_fbgemm_int8
 
 
 class FormRefused(Exception):
@@ -49,7 +44,7 @@ class Form:
     name: str
     dtype: torch.dtype
     torchao: Optional[Callable[[], object]] = None  # -> a torchao `AOBaseConfig`
-    reference: bool = False  # not a diffusers form (applied after loading; not saved)
+    fbgemm: bool = False  # its int8 weights run with FBGEMM's int8 GEMM after loading (`use_fbgemm_int8`)
 
 
 def _int8_dynamic():
@@ -85,7 +80,7 @@ FORMS: Dict[str, Form] = {
         Form("int8-weight-only", torch.float32, _int8_weight_only),
         Form("float8-dynamic", torch.float32, _float8_dynamic),
         Form("float8-weight-only", torch.float32, _float8_weight_only),
-        Form("fbgemm-int8-dynamic", torch.float32, reference=True),
+        Form("int8-dynamic-fbgemm", torch.float32, _int8_dynamic, fbgemm=True),
     )
 }
 
@@ -118,21 +113,9 @@ def load_transformer(path, form: Form, keep_float32: Sequence[str] = KEEP_FLOAT3
         raise FormRefused(f"{form.name}: torchao refuses it here: {error}") from error
     finally:
         logging.set_verbosity(verbosity)
-    if form.reference:
-        transformer = fbgemm_int8_dynamic(transformer, keep_float32)
+    if form.fbgemm:
+        use_fbgemm_int8(transformer)
     return transformer.eval()
-
-
-def fbgemm_int8_dynamic(transformer, keep_float32: Sequence[str] = KEEP_FLOAT32):
-    """torch's (deprecated) FBGEMM dynamic int8 quantization of every `nn.Linear` outside `keep_float32`, in place."""
-    names = {  # the modules that diffusers' `modules_to_not_convert` would leave out
-        name
-        for name, module in transformer.named_modules()
-        if isinstance(module, torch.nn.Linear) and not any(f"{keep}." in f"{name}." for keep in keep_float32)
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return torch.ao.quantization.quantize_dynamic(transformer, names, dtype=torch.qint8, inplace=True)
 
 
 def quantized_linear(form: Form, in_features: int, out_features: int, generator: torch.Generator):
@@ -141,13 +124,14 @@ def quantized_linear(form: Form, in_features: int, out_features: int, generator:
     with torch.no_grad():
         linear.weight.normal_(0, 0.02, generator=generator)
         linear.bias.zero_()
-    if form.reference:
-        return fbgemm_int8_dynamic(torch.nn.Sequential(linear), [])[0]
     if form.torchao is not None:
         from torchao.quantization import quantize_
 
+        linear = torch.nn.Sequential(linear)  # a container, so that use_fbgemm_int8 can replace the layer
         quantize_(linear, form.torchao())
-        return linear
+        if form.fbgemm:
+            use_fbgemm_int8(linear)
+        return linear[0]
     return linear.to(form.dtype)
 
 

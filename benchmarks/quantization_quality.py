@@ -5,7 +5,7 @@ Real weights, the shipped Shapes model: ShapesEval on `--num-prompts` seen valid
 McNemar test), and the fraction of final token ids equal to float32's:
 
     python benchmarks/quantization_quality.py --model pretrained/enat-shapes --num-prompts 500 \\
-        --forms float32 int8-dynamic int8-weight-only float8-weight-only fbgemm-int8-dynamic --output-dir DIR
+        --forms float32 int8-dynamic int8-dynamic-fbgemm int8-weight-only float8-weight-only --output-dir DIR
 
 Random weights with ENAT-L-256's shapes (`benchmark_sampling.py`'s): the max logit error at step 1 (every token
 masked: the same input for every form) and the token agreement of a whole generation (batch 4, 8 steps, the

@@ -4,18 +4,19 @@ A tiny pipeline is saved, loaded with its transformer quantized (the whole pipel
 `PipelineQuantizationConfig`, or the transformer alone through `TorchAoConfig`), sampled, saved again (safetensors)
 and loaded without any config. At temperature 0 (argmax sampling and argmax reveal), its token ids agree with float32's
 on at least 85 % of the positions (int8 dynamic: 93 %, int8 weight-only: 99 % on these tiny random models; 4 steps and
-guidance let a flipped token change what is revealed later, so agreement is below the per-step one).
+guidance let a flipped token change what is revealed later, so agreement is below the per-step one). A saved int8
+folder's weights, moved into FBGEMM's int8 GEMM (`use_fbgemm_int8`), keep their values and scales and sample as close.
 """
 
 import pytest
 import torch
 from conftest import tiny_class_pipeline, tiny_vqvae
 from diffusers import PipelineQuantizationConfig, TorchAoConfig
-from quantization_forms import KEEP_FLOAT32  # benchmarks/ (conftest puts it on sys.path)
-from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, Int8WeightOnlyConfig
 from torchao.utils import TorchAOBaseTensor
 
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
+from enat_diffusers.quantization import KEEP_FLOAT32, use_fbgemm_int8
 
 
 MIN_AGREEMENT = 0.85
@@ -117,3 +118,34 @@ def test_the_transformer_alone_takes_a_torchao_config(tmp_path):
     expected = pipe.transformer(partly, class_labels=torch.tensor([1, 10])).logits
     error = (reused - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.05
+
+
+@pytest.mark.parametrize("kind", ["enat", "nat"])
+@torch.no_grad()
+def test_saved_int8_folder_runs_with_fbgemm_close_to_float32(tmp_path, kind):
+    pipe = tiny_class_pipeline() if kind == "enat" else tiny_nat_pipeline()
+    reference = sample(pipe)
+    config = TorchAoConfig(Int8DynamicActivationInt8WeightConfig(), modules_to_not_convert=KEEP_FLOAT32)
+    pipe.transformer.save_pretrained(tmp_path / "float32")
+    transformer = type(pipe.transformer).from_pretrained(
+        tmp_path / "float32", quantization_config=config, dtype=torch.float32
+    )
+    transformer.save_pretrained(tmp_path / "int8")
+    transformer = type(pipe.transformer).from_pretrained(tmp_path / "int8", dtype=torch.float32)
+    saved = {name: weight for name, weight in linear_weights(transformer).items() if isinstance(weight, Int8Tensor)}
+
+    assert use_fbgemm_int8(transformer) == len(saved) > 0
+    for name, module in transformer.named_modules():
+        if name in saved:  # the saved int8 values and scales, unchanged, in FBGEMM's packed form
+            assert isinstance(module, torch.ao.nn.quantized.dynamic.Linear), name
+            weight = module.weight()
+            assert torch.equal(weight.int_repr(), saved[name].qdata), name
+            assert torch.allclose(weight.q_per_channel_scales().float(), saved[name].scale.flatten()), name
+        elif isinstance(module, torch.nn.Linear):  # KEEP_FLOAT32
+            assert module.weight.dtype == torch.float32 and not isinstance(module.weight, TorchAOBaseTensor), name
+    pipe.transformer = transformer
+    ids = sample(pipe)
+    assert (ids == reference).float().mean().item() >= MIN_AGREEMENT
+
+    with pytest.raises(ValueError, match="no torchao int8 linear layer"):
+        use_fbgemm_int8(transformer)  # nothing left to replace

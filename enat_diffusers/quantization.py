@@ -1,0 +1,114 @@
+# Copyright 2026 The enat-diffusers authors. Licensed under the Apache License, Version 2.0.
+"""Quantized sampling on CPUs: what stays float32, and FBGEMM's int8 GEMM for torchao's int8 weights.
+
+Quantize a pipeline the diffusers way, with torchao's int8 dynamic form, and keep `KEEP_FLOAT32` out of it:
+
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    config = TorchAoConfig(Int8DynamicActivationInt8WeightConfig(), modules_to_not_convert=KEEP_FLOAT32)
+    pipe = ENATPipeline.from_pretrained(
+        path, quantization_config=PipelineQuantizationConfig(quant_mapping={"transformer": config}),
+        dtype=torch.float32,
+    )
+    pipe.save_pretrained("model-int8")  # int8 weights (safetensors); loads again without any config
+
+torchao multiplies int8 activations by int8 weights with `torch._int_mm`. On a CPU without AVX512-VNNI or AMX,
+torch has no fast kernel for it (on an AVX2 CPU it runs tens of times slower than float32), while FBGEMM, torch's
+own int8 library, does the same products at about twice float32's speed. `use_fbgemm_int8` moves the loaded int8
+weights, unchanged, into FBGEMM's packed format:
+
+    pipe = ENATPipeline.from_pretrained("model-int8", dtype=torch.float32)
+    use_fbgemm_int8(pipe.transformer)
+
+The activations are then quantized per tensor at every call (FBGEMM's dynamic scheme, 7 bits on x86 so that its
+AVX2 kernels cannot overflow) instead of torchao's per row. `benchmarks/benchmark_quantization.py` measures which form
+is fastest on the CPU it runs on, and `benchmarks/quantization_quality.py` bounds each form's accuracy.
+"""
+
+import warnings
+from typing import List
+
+import torch
+from torch import nn
+
+
+# The modules that stay float32 in every quantized form (measured: benchmarks/README.md, "What stays float32"): the
+# adaLN modulation, the output head's dense layer, the text and pooled-text embedders, and ENAT's `prev_proj`.
+KEEP_FLOAT32: List[str] = ["adaLN_modulation", "mlm_head", "context_embedder", "pooled_text_embedder", "prev_proj"]
+
+
+def _int8_weight(weight):
+    """`(int8 values (out, in), float scales (out,))` of a torchao int8 weight with one scale per output row and no
+    zero point; `None` for any other weight."""
+    try:
+        from torchao.quantization import Int8Tensor
+    except ImportError:  # torchao is optional: without it nothing can be an int8 torchao weight
+        return None
+    if not isinstance(weight, Int8Tensor):
+        return None
+    qdata, scale, zero_point = weight.qdata, weight.scale, weight.zero_point
+    if qdata.dim() != 2 or tuple(weight.block_size) != (1, qdata.shape[1]):
+        raise ValueError(
+            f"use_fbgemm_int8 needs one scale per output channel (torchao's default PerRow granularity); this weight "
+            f"has blocks of {list(weight.block_size)} in a {list(qdata.shape)} matrix."
+        )
+    if zero_point is not None and bool((zero_point != 0).any()):
+        raise ValueError("use_fbgemm_int8 needs symmetric int8 weights (zero points 0), as torchao's int8 forms make.")
+    return qdata, scale.reshape(-1)
+
+
+def use_fbgemm_int8(model: nn.Module) -> int:
+    r"""
+    Runs every `nn.Linear` of `model` whose weight is a torchao int8 weight (`Int8DynamicActivationInt8WeightConfig`
+    or `Int8WeightOnlyConfig`, as loaded from a quantized folder) with FBGEMM's dynamic int8 GEMM, in place.
+
+    The int8 weights and their per-channel scales are kept exactly; the layer is replaced by a
+    `torch.ao.nn.quantized.dynamic.Linear`, which quantizes its input per tensor at every call and multiplies in int8
+    on the CPU. Linear layers with float weights (e.g. `KEEP_FLOAT32`) are left as they are. The result samples on the
+    CPU only, and cannot be saved with `save_pretrained`: save the torchao form before calling this.
+
+    Returns:
+        `int`: the number of layers replaced.
+
+    Raises:
+        `ValueError`: when `model` has no torchao int8 linear layer, or one of a layout FBGEMM cannot take.
+        `RuntimeError`: when this torch build has no FBGEMM engine.
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            f"This torch build has no FBGEMM engine (supported: {torch.backends.quantized.supported_engines})."
+        )
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _int8_weight(module.weight) is not None
+    ]
+    if not targets:
+        raise ValueError(
+            f"{type(model).__name__} has no torchao int8 linear layer: load it with a TorchAoConfig of "
+            "Int8DynamicActivationInt8WeightConfig (or Int8WeightOnlyConfig), or from a folder saved so."
+        )
+    for name, module in targets:
+        _set_submodule(model, name, _fbgemm_linear(module))
+    return len(targets)
+
+
+def _fbgemm_linear(linear: nn.Linear) -> nn.Module:
+    qdata, scale = _int8_weight(linear.weight)
+    if qdata.device.type != "cpu":
+        raise ValueError(f"FBGEMM runs on the CPU; this layer's weight is on {qdata.device}.")
+    with warnings.catch_warnings():  # torch's quantized tensors are deprecated (torchao replaces them), still shipped
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(
+            qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), axis=0
+        )
+    replacement = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
+    bias = None if linear.bias is None else linear.bias.detach().float()
+    replacement.set_weight_bias(weight, bias)
+    return replacement
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
