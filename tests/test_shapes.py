@@ -439,6 +439,27 @@ def test_colour_copied_from_the_other_object_is_counted(evaluator):
     from enat_diffusers.evaluation.shapes import format_report
 
     table = format_report({"seen": report, "held_out": report, "all": report})
-    assert table.splitlines()[-1] == (
+    assert table.splitlines()[-2] == (
         "two-object prompts: 3 objects found in the wrong colour, 66.7% of them in the other object's colour"
+    )
+
+
+def test_shape_accuracy_is_reported_per_named_size_and_shape(evaluator):
+    def scene(*objects):
+        return shapes.render_scene([shapes.ShapeObject(*obj) for obj in objects])
+
+    small_square = ("square", "small", "red", "left", (16, 32))
+    drawn_as_circle = ("circle", "small", "red", "left", (16, 32))
+    large_circle = ("circle", "large", "blue", "right", (48, 32))
+    caption = "a small red square on the left and a large blue circle on the right"
+    images = [scene(small_square, large_circle), scene(drawn_as_circle, large_circle), scene(drawn_as_circle)]
+    report = evaluator.evaluate(images, [caption] * 3)["all"]
+    # small squares: right in image 0 only; large circles: right in images 0 and 1, missing in image 2
+    assert report["shape_by_kind"] == {"small square": pytest.approx(1 / 3), "large circle": pytest.approx(2 / 3)}
+    from enat_diffusers.evaluation.shapes import format_report
+
+    table = format_report({"seen": report, "held_out": report, "all": report})
+    assert (
+        table.splitlines()[-1]
+        == "shape right, by the caption's size and shape: small square 33.3%, large circle 66.7%"
     )

@@ -358,6 +358,17 @@ def _summarise(results: List[Dict]) -> Dict:
         if wrong
         else None
     )
+    # the share of objects drawn in their caption's shape, per named size and shape ("small square": ...)
+    by_kind = {}
+    for obj in objects:
+        named = parse_caption(obj["phrase"])[0]
+        by_kind.setdefault(f"{named.size} {named.shape}", []).append(obj["shape"])
+    summary["shape_by_kind"] = {
+        f"{size} {shape}": sum(by_kind[f"{size} {shape}"]) / len(by_kind[f"{size} {shape}"])
+        for size in SIZES
+        for shape in SHAPES
+        if f"{size} {shape}" in by_kind
+    }
     return summary
 
 
@@ -472,6 +483,9 @@ def format_report(report: Dict) -> str:
             f"two-object prompts: {group['wrong_colour_objects_of_two']} objects found in the wrong colour, "
             f"{100 * group['wrong_colour_from_other_object']:.1f}% of them in the other object's colour"
         )
+    if group.get("shape_by_kind"):
+        shares = ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in group["shape_by_kind"].items())
+        lines.append(f"shape right, by the caption's size and shape: {shares}")
     return "\n".join(lines)
 
 
