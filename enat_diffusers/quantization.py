@@ -21,8 +21,8 @@ weights, unchanged, into FBGEMM's packed format:
     pipe = ENATPipeline.from_pretrained("model-int8", dtype=torch.float32)
     use_fbgemm_int8(pipe.transformer)
 
-The activations are then quantized per tensor at every call (FBGEMM's dynamic scheme, 7 bits on x86 so that its
-AVX2 kernels cannot overflow) instead of torchao's per row. `benchmarks/benchmark_quantization.py` measures which form
+The activations are then quantized per row at every call, as torchao does, but in 7 bits (FBGEMM's x86 scheme,
+so that its AVX2 kernels cannot overflow). `benchmarks/benchmark_quantization.py` measures which form
 is fastest on the CPU it runs on, and `benchmarks/quantization_quality.py` bounds each form's accuracy.
 """
 
@@ -63,10 +63,10 @@ def use_fbgemm_int8(model: nn.Module) -> int:
     Runs every `nn.Linear` of `model` whose weight is a torchao int8 weight (`Int8DynamicActivationInt8WeightConfig`
     or `Int8WeightOnlyConfig`, as loaded from a quantized folder) with FBGEMM's dynamic int8 GEMM, in place.
 
-    The int8 weights and their per-channel scales are kept exactly; the layer is replaced by a
-    `torch.ao.nn.quantized.dynamic.Linear`, which quantizes its input per tensor at every call and multiplies in int8
-    on the CPU. Linear layers with float weights (e.g. `KEEP_FLOAT32`) are left as they are. The result samples on the
-    CPU only, and cannot be saved with `save_pretrained`: save the torchao form before calling this.
+    The int8 weights and their per-channel scales are kept exactly; the layer is replaced by an `FBGEMMInt8Linear`,
+    which quantizes its input per row at every call and multiplies in int8 on the CPU. Linear layers with float
+    weights (e.g. `KEEP_FLOAT32`) are left as they are. The result samples on the CPU only, and cannot be saved with
+    `save_pretrained` (it raises): save the torchao form before calling this.
 
     Returns:
         `int`: the number of layers replaced.
@@ -94,19 +94,51 @@ def use_fbgemm_int8(model: nn.Module) -> int:
     return len(targets)
 
 
+class FBGEMMInt8Linear(nn.Module):
+    r"""
+    A linear layer with int8 weights (one scale per output channel) that multiplies in int8 with FBGEMM, its inputs
+    quantized per row at every call.
+
+    FBGEMM's dynamic GEMM quantizes its input per tensor (7 bits on x86). Each row is first divided by its largest
+    magnitude and the product multiplied by it again, which makes that per-row quantization: one outlier row (a
+    text token, say) no longer coarsens the steps of every other row.
+    """
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias):
+        super().__init__()
+        self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
+        with warnings.catch_warnings():  # torch's quantized tensors are deprecated in favour of torchao; still shipped
+            warnings.simplefilter("ignore", UserWarning)
+            weight = torch._make_per_channel_quantized_tensor(
+                qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), axis=0
+            )
+            self._packed = torch.ops.quantized.linear_prepack(weight, None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        """The int8 weight as a per-channel quantized tensor."""
+        return torch.ops.quantized.linear_unpack(self._packed)[0]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        row_max = hidden_states.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        output = torch.ops.quantized.linear_dynamic(hidden_states.float() / row_max, self._packed, True) * row_max
+        return output if self.bias is None else output + self.bias
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(
+            "A layer prepared by use_fbgemm_int8 cannot be saved (FBGEMM's packed weights): save the torchao int8 "
+            "form (the folder it was loaded from) instead."
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def _fbgemm_linear(linear: nn.Linear) -> nn.Module:
     qdata, scale = _int8_weight(linear.weight)
     if qdata.device.type != "cpu":
         raise ValueError(f"FBGEMM runs on the CPU; this layer's weight is on {qdata.device}.")
-    with warnings.catch_warnings():  # torch's quantized tensors are deprecated (torchao replaces them), still shipped
-        warnings.simplefilter("ignore", UserWarning)
-        weight = torch._make_per_channel_quantized_tensor(
-            qdata, scale.double(), torch.zeros_like(scale, dtype=torch.long), axis=0
-        )
-    replacement = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features, dtype=torch.qint8)
-    bias = None if linear.bias is None else linear.bias.detach().float()
-    replacement.set_weight_bias(weight, bias)
-    return replacement
+    return FBGEMMInt8Linear(qdata, scale, linear.bias)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module):

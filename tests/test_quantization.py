@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import tiny_class_pipeline, tiny_vqvae
 from diffusers import PipelineQuantizationConfig, TorchAoConfig
-from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, Int8WeightOnlyConfig
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tensor, Int8WeightOnlyConfig, quantize_
 from torchao.utils import TorchAOBaseTensor
 
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
-from enat_diffusers.quantization import KEEP_FLOAT32, use_fbgemm_int8
+from enat_diffusers.quantization import KEEP_FLOAT32, FBGEMMInt8Linear, use_fbgemm_int8
 
 
 MIN_AGREEMENT = 0.85
@@ -137,7 +137,7 @@ def test_saved_int8_folder_runs_with_fbgemm_close_to_float32(tmp_path, kind):
     assert use_fbgemm_int8(transformer) == len(saved) > 0
     for name, module in transformer.named_modules():
         if name in saved:  # the saved int8 values and scales, unchanged, in FBGEMM's packed form
-            assert isinstance(module, torch.ao.nn.quantized.dynamic.Linear), name
+            assert isinstance(module, FBGEMMInt8Linear), name
             weight = module.weight()
             assert torch.equal(weight.int_repr(), saved[name].qdata), name
             assert torch.allclose(weight.q_per_channel_scales().float(), saved[name].scale.flatten()), name
@@ -149,3 +149,18 @@ def test_saved_int8_folder_runs_with_fbgemm_close_to_float32(tmp_path, kind):
 
     with pytest.raises(ValueError, match="no torchao int8 linear layer"):
         use_fbgemm_int8(transformer)  # nothing left to replace
+    with pytest.raises(RuntimeError, match="cannot be saved"):
+        transformer.save_pretrained(tmp_path / "fbgemm")  # not silently without its weights
+
+
+def test_fbgemm_linear_quantizes_each_input_row_on_its_own_scale():
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_(linear, Int8DynamicActivationInt8WeightConfig())
+    use_fbgemm_int8(linear)
+    inputs = torch.randn(3, 64) * torch.tensor([[1.0], [1000.0], [0.001]])  # rows 6 orders of magnitude apart
+    expected = torch.nn.functional.linear(inputs, linear[0].weight().dequantize(), linear[0].bias)
+    output = linear(inputs)
+    for row in range(3):  # per-tensor quantization would round the first and last rows to almost nothing
+        error = (output[row] - expected[row]).norm() / (expected[row] - linear[0].bias).norm()
+        assert error < 0.03, (row, error)
