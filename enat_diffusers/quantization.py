@@ -120,9 +120,13 @@ class FBGEMMInt8Linear(nn.Module):
         return torch.ops.quantized.linear_unpack(self._packed)[0]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        row_max = hidden_states.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        output = torch.ops.quantized.linear_dynamic(hidden_states.float() / row_max, self._packed, True) * row_max
-        return output if self.bias is None else output + self.bias
+        hidden_states = hidden_states.float()
+        # the largest magnitude of each row; amax and amin are vectorised reductions on the CPU, unlike abs().amax(),
+        # aminmax and the infinity norm, which cost ten times more here
+        row_max = torch.maximum(hidden_states.amax(-1, keepdim=True), hidden_states.amin(-1, keepdim=True).neg())
+        row_max = row_max.clamp_min(torch.finfo(torch.float32).tiny)
+        output = torch.ops.quantized.linear_dynamic(hidden_states / row_max, self._packed, True)
+        return output.mul_(row_max) if self.bias is None else torch.addcmul(self.bias, output, row_max)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise RuntimeError(
