@@ -14,8 +14,8 @@ the activations (and every module kept out) stay float32.
 * `float8-dynamic`: float8 weights and activations (`torch._scaled_mm`); torchao refuses it without a CUDA GPU of
   compute capability 8.9 or more (or MI300, XPU).
 * `int8-dynamic-fbgemm`: the `int8-dynamic` weights as loaded, moved into FBGEMM's int8 GEMM after loading
-  (`enat_diffusers.quantization.use_fbgemm_int8`): activations quantized per tensor at every call. The saved folder is
-  `int8-dynamic`'s; only the kernel differs, for CPUs where `torch._int_mm` has no fast kernel (see README.md).
+  (`enat_diffusers.quantization.use_fbgemm_int8`): activations quantized per row (7 bits) at every call. The saved
+  folder is `int8-dynamic`'s; only the kernel differs, for CPUs where `torch._int_mm` has no fast kernel (README.md).
 
 `KEEP_FLOAT32` (`enat_diffusers.quantization`), the modules no form quantizes, is measured by
 `quantization_quality.py --keep-study` (the results: README.md, "Quantization"). The token and class embeddings are

@@ -79,18 +79,20 @@ def use_fbgemm_int8(model: nn.Module) -> int:
         raise RuntimeError(
             f"This torch build has no FBGEMM engine (supported: {torch.backends.quantized.supported_engines})."
         )
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _int8_weight(module.weight) is not None
-    ]
+    targets = {}  # name -> (int8 values, scales, bias), all read before any layer is replaced
+    for name, module in model.named_modules():
+        weight = _int8_weight(module.weight) if isinstance(module, nn.Linear) else None
+        if weight is not None:
+            if weight[0].device.type != "cpu":
+                raise ValueError(f"FBGEMM runs on the CPU; the weight of {name} is on {weight[0].device}.")
+            targets[name] = (*weight, module.bias)
     if not targets:
         raise ValueError(
             f"{type(model).__name__} has no torchao int8 linear layer: load it with a TorchAoConfig of "
             "Int8DynamicActivationInt8WeightConfig (or Int8WeightOnlyConfig), or from a folder saved so."
         )
-    for name, module in targets:
-        _set_submodule(model, name, _fbgemm_linear(module))
+    for name, (qdata, scale, bias) in targets.items():
+        model.set_submodule(name, FBGEMMInt8Linear(qdata, scale, bias))
     return len(targets)
 
 
@@ -136,15 +138,3 @@ class FBGEMMInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _fbgemm_linear(linear: nn.Linear) -> nn.Module:
-    qdata, scale = _int8_weight(linear.weight)
-    if qdata.device.type != "cpu":
-        raise ValueError(f"FBGEMM runs on the CPU; this layer's weight is on {qdata.device}.")
-    return FBGEMMInt8Linear(qdata, scale, linear.bias)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module):
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

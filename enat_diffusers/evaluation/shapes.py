@@ -359,16 +359,11 @@ def _summarise(results: List[Dict]) -> Dict:
         else None
     )
     # the share of objects drawn in their caption's shape, per named size and shape ("small square": ...)
-    by_kind = {}
+    by_kind = {f"{size} {shape}": [] for size in SIZES for shape in SHAPES}
     for obj in objects:
         named = parse_caption(obj["phrase"])[0]
-        by_kind.setdefault(f"{named.size} {named.shape}", []).append(obj["shape"])
-    summary["shape_by_kind"] = {
-        f"{size} {shape}": sum(by_kind[f"{size} {shape}"]) / len(by_kind[f"{size} {shape}"])
-        for size in SIZES
-        for shape in SHAPES
-        if f"{size} {shape}" in by_kind
-    }
+        by_kind[f"{named.size} {named.shape}"].append(obj["shape"])
+    summary["shape_by_kind"] = {kind: sum(right) / len(right) for kind, right in by_kind.items() if right}
     return summary
 
 
