@@ -128,7 +128,7 @@ class FBGEMMInt8Linear(nn.Module):
         row_max = torch.maximum(hidden_states.amax(-1, keepdim=True), hidden_states.amin(-1, keepdim=True).neg())
         row_max = row_max.clamp_min(torch.finfo(torch.float32).tiny)
         output = torch.ops.quantized.linear_dynamic(hidden_states / row_max, self._packed, True)
-        return output.mul_(row_max) if self.bias is None else torch.addcmul(self.bias, output, row_max)
+        return output.mul_(row_max) if self.bias is None else torch.addcmul(self.bias, output, row_max, out=output)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise RuntimeError(

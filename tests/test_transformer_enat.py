@@ -161,6 +161,38 @@ def test_text_model_encodes_text_once_and_reuses_it():
         ).abs().max() > 1e-3
 
 
+def test_adaln_modulation_is_computed_once_per_condition():
+    model = tiny_transformer()
+    calls = []
+    for block in [*model.encoder_blocks, *model.decoder_blocks]:
+        block.adaLN_modulation.register_forward_hook(lambda *args: calls.append(1))
+    labels = torch.tensor([1, 10])
+    first_ids, ids = torch.full((2, 16), 8), torch.full((2, 16), 8)
+    ids[:, :4] = 3
+
+    def uncached(state):  # the same state without the cached modulation
+        return ENATReuseState(state.hidden_states, state.mask, state.text_hidden_states)
+
+    with torch.no_grad():
+        state = model(first_ids, class_labels=labels).reuse_state
+        assert state.modulation.shape == (2, 3, 8 * 32) and len(calls) == 3
+        cached = model(ids, class_labels=labels, reuse_state=state).logits
+        assert len(calls) == 3  # taken from the state
+        assert torch.equal(cached, model(ids, class_labels=labels, reuse_state=uncached(state)).logits)
+        assert len(calls) == 6
+        other = torch.tensor([1, 4])  # another condition: recomputed, not the state's
+        other_logits = model(ids, class_labels=other, reuse_state=state).logits
+        assert len(calls) == 9
+        assert torch.equal(other_logits, model(ids, class_labels=other, reuse_state=uncached(state)).logits)
+        assert (other_logits[1] - cached[1]).abs().max() > 1e-3
+    # with gradients the modulation is recomputed, so the adaLN weights are trained on reuse steps too
+    model(ids, class_labels=labels, reuse_state=state).logits.square().mean().backward()
+    assert len(calls) == 15 and model.decoder_blocks[0].adaLN_modulation.weight.grad.abs().max() > 0
+    bad = ENATReuseState(state.hidden_states, state.mask, None, state.conditioning, state.modulation[:, :2])
+    with pytest.raises(ValueError, match="reuse_state.modulation has shape"):
+        model(ids, class_labels=labels, reuse_state=bad)
+
+
 # ------------------------------------------------------------------------------------------------------- errors
 
 

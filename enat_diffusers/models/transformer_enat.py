@@ -38,6 +38,12 @@ class ENATReuseState(BaseOutput):
             `True` where the token was [MASK] in this step's input.
         text_hidden_states (`torch.Tensor` of shape `(batch_size, text_sequence_length, hidden_size)`, *optional*):
             Final hidden states of the text tokens (text-to-image models only).
+        conditioning (`torch.Tensor` of shape `(batch_size, hidden_size)`, *optional*):
+            The adaLN condition (label or pooled text embedding) this step ran with.
+        modulation (`torch.Tensor` of shape `(batch_size, num_blocks, 8 * hidden_size)`, *optional*):
+            Every block's adaLN output for `conditioning` (encoder blocks, then decoder blocks). It depends on the
+            condition only, so without gradients a next step with the same condition takes it from here instead of
+            recomputing it; a different condition recomputes it.
     """
 
     # Fields after the first default to None as in every diffusers output, so that `BaseOutput` can be rebuilt from
@@ -45,6 +51,8 @@ class ENATReuseState(BaseOutput):
     hidden_states: torch.Tensor
     mask: Optional[torch.BoolTensor] = None
     text_hidden_states: Optional[torch.Tensor] = None
+    conditioning: Optional[torch.Tensor] = None
+    modulation: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -286,11 +294,12 @@ class ENATBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        conditioning: torch.Tensor,
+        modulation: torch.Tensor,
         context: Optional[torch.Tensor] = None,
         rotary_emb: Optional[tuple] = None,
     ) -> torch.Tensor:
-        modulation = self.adaLN_modulation(F.silu(conditioning)).unsqueeze(1)  # (B, 1, 8D)
+        """`modulation` `(B, 8D)`: this block's `adaLN_modulation(SiLU(condition))`."""
+        modulation = modulation.unsqueeze(1)  # (B, 1, 8D)
         shift_msa, scale_msa, shift_ctx, scale_ctx, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(8, -1)
 
         norm_hidden_states = modulate(self.norm1(hidden_states), shift_msa, scale_msa)
@@ -440,14 +449,31 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     def null_class_label(self) -> Optional[int]:
         return self.config.num_classes
 
-    def _run_blocks(self, blocks, hidden_states, conditioning, context, rotary_emb):
-        for block in blocks:
+    def _block_modulation(self, conditioning: torch.Tensor, reuse_state: Optional[ENATReuseState]) -> torch.Tensor:
+        """
+        Every block's adaLN output `(B, num_blocks, 8D)`, encoder blocks first. It depends on the condition only: a
+        sampler's steps share it, so without gradients it is taken from a reuse state made with the same condition.
+        """
+        if (
+            reuse_state is not None
+            and reuse_state.modulation is not None
+            and not torch.is_grad_enabled()
+            and torch.equal(reuse_state.conditioning, conditioning)
+        ):
+            return reuse_state.modulation
+        activated = F.silu(conditioning)
+        blocks = [*self.encoder_blocks, *self.decoder_blocks]
+        return torch.stack([block.adaLN_modulation(activated) for block in blocks], dim=1)
+
+    def _run_blocks(self, blocks, hidden_states, modulation, context, rotary_emb):
+        """`modulation` `(B, len(blocks), 8D)`: the blocks' adaLN outputs."""
+        for block, block_modulation in zip(blocks, modulation.unbind(1)):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, conditioning, context, rotary_emb
+                    block, hidden_states, block_modulation, context, rotary_emb
                 )
             else:
-                hidden_states = block(hidden_states, conditioning, context, rotary_emb)
+                hidden_states = block(hidden_states, block_modulation, context, rotary_emb)
         return hidden_states
 
     def _rotary_emb(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -526,6 +552,10 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             conditioning = self.class_embedding(class_labels.reshape(-1))  # (B, D)
         else:
             conditioning = self.pooled_text_embedder(pooled_text_embeds.to(self.dtype))  # (B, D)
+        modulation = self._block_modulation(conditioning, reuse_state)  # (B, blocks, 8D)
+        encoder_modulation, decoder_modulation = modulation.split(
+            [self.config.num_encoder_layers, self.config.num_decoder_layers], dim=1
+        )
         hidden_states = self.embed(input_ids)  # (B, L, D)
 
         # 2. Partition positions into [previously visible | newly visible | masked], each in raster order.
@@ -560,7 +590,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             )
         if encoder_input.shape[1] > 0:
             encoder_input = self._run_blocks(
-                self.encoder_blocks, encoder_input, conditioning, encoder_context, encoder_rotary
+                self.encoder_blocks, encoder_input, encoder_modulation, encoder_context, encoder_rotary
             )
         visible = encoder_input if encoder_context is None else torch.cat([encoder_context, encoder_input], dim=1)
 
@@ -568,7 +598,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         decoder_context = visible if visible.shape[1] > 0 else None
         if masked_tokens.shape[1] > 0:
             masked_tokens = self._run_blocks(
-                self.decoder_blocks, masked_tokens, conditioning, decoder_context, decoder_rotary
+                self.decoder_blocks, masked_tokens, decoder_modulation, decoder_context, decoder_rotary
             )
 
         # 5. Image tokens back to raster order; text tokens lead the visible set.
@@ -581,7 +611,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         logits = self.mlm_head(self.norm_out(hidden_states), word_embeddings)  # (B, L, K)
 
         text_states = text_states if self.config.text_embed_dim is not None else None
-        state = ENATReuseState(hidden_states=hidden_states, mask=mask, text_hidden_states=text_states)
+        state = ENATReuseState(hidden_states, mask, text_states, conditioning, modulation)
         if not return_dict:
             return (logits, state)
         return ENATTransformer2DModelOutput(logits=logits, reuse_state=state)
@@ -692,6 +722,17 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             raise ValueError(
                 f"reuse_state.mask must be a bool tensor of shape {(batch_size, seq_len)}, got a {state.mask.dtype} "
                 f"tensor of shape {tuple(state.mask.shape)}."
+            )
+        num_blocks = self.config.num_encoder_layers + self.config.num_decoder_layers
+        if state.modulation is not None and (
+            state.conditioning is None
+            or tuple(state.modulation.shape) != (batch_size, num_blocks, 8 * self.config.hidden_size)
+        ):
+            raise ValueError(
+                f"reuse_state.modulation has shape {tuple(state.modulation.shape)} (conditioning "
+                f"{'missing' if state.conditioning is None else 'given'}), but this model needs "
+                f"{(batch_size, num_blocks, 8 * self.config.hidden_size)} with its conditioning: the state must come "
+                "from the same batch and model."
             )
         has_text = state.text_hidden_states is not None
         if has_text != (self.config.text_embed_dim is not None):
