@@ -93,7 +93,32 @@ def use_fbgemm_int8(model: nn.Module) -> int:
         )
     for name, (qdata, scale, bias) in targets.items():
         model.set_submodule(name, FBGEMMInt8Linear(qdata, scale, bias))
+    _fuse_projections(model, targets)
     return len(targets)
+
+
+def _fuse_projections(model: nn.Module, targets: dict):
+    """
+    Fuses the int8 projections that read the same input (an ENAT attention's query/key/value, and its context
+    key/value) into one FBGEMM layer each, as `fuse_projections` does in float: the input is quantized once and the
+    GEMM is wider. Per output channel the products, scales and biases are those of the separate layers, which stay
+    (`unfuse_projections` goes back to them).
+    """
+    for name, module in model.named_modules():
+        groups = getattr(module, "fused_projection_parts", None)
+        if groups is None or module.fused_projections:
+            continue
+        fused = {}
+        for fused_name, part_names in groups.items():
+            parts = [targets.get(f"{name}.{part}") for part in part_names]
+            if any(part is None for part in parts) or len({part[2] is None for part in parts}) > 1:
+                break  # not all int8, or with and without bias: the separate layers stay in use
+            qdata, scale, bias = (None if values[0] is None else torch.cat(values) for values in zip(*parts))
+            fused[fused_name] = FBGEMMInt8Linear(qdata, scale, bias)
+        else:
+            for fused_name, layer in fused.items():
+                setattr(module, fused_name, layer)
+            module.fused_projections = True
 
 
 class FBGEMMInt8Linear(nn.Module):

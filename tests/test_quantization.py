@@ -16,6 +16,7 @@ from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8Tens
 from torchao.utils import TorchAOBaseTensor
 
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
+from enat_diffusers.models.transformer_enat import ENATAttention
 from enat_diffusers.quantization import KEEP_FLOAT32, FBGEMMInt8Linear, use_fbgemm_int8
 
 
@@ -151,6 +152,31 @@ def test_saved_int8_folder_runs_with_fbgemm_close_to_float32(tmp_path, kind):
         use_fbgemm_int8(transformer)  # nothing left to replace
     with pytest.raises(RuntimeError, match="cannot be saved"):
         transformer.save_pretrained(tmp_path / "fbgemm")  # not silently without its weights
+
+
+def quantized_outside_keep(module, name) -> bool:
+    return isinstance(module, torch.nn.Linear) and not any(f"{keep}." in f"{name}." for keep in KEEP_FLOAT32)
+
+
+@torch.no_grad()
+def test_fbgemm_fuses_each_attentions_projections_without_changing_the_result():
+    pipe = tiny_class_pipeline()
+    quantize_(pipe.transformer, Int8DynamicActivationInt8WeightConfig(), filter_fn=quantized_outside_keep)
+    use_fbgemm_int8(pipe.transformer)
+    attentions = [module for module in pipe.transformer.modules() if isinstance(module, ENATAttention)]
+    assert attentions and all(attn.fused_projections for attn in attentions)
+    for attn in attentions:  # each fused layer: its parts' int8 rows, scales and biases, in order
+        for fused_name, part_names in attn.fused_projection_parts.items():
+            fused, parts = getattr(attn, fused_name), [getattr(attn, part) for part in part_names]
+            assert torch.equal(fused.weight().int_repr(), torch.cat([p.weight().int_repr() for p in parts]))
+            assert torch.equal(
+                fused.weight().q_per_channel_scales(), torch.cat([p.weight().q_per_channel_scales() for p in parts])
+            )
+            assert torch.equal(fused.bias, torch.cat([p.bias for p in parts]))
+    fused_ids = sample(pipe)
+    for attn in attentions:
+        attn.unfuse_projections()  # back to the separate FBGEMM layers
+    assert torch.equal(fused_ids, sample(pipe))
 
 
 def test_fbgemm_linear_quantizes_each_input_row_on_its_own_scale():

@@ -225,6 +225,8 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
 
     _default_processor_cls = ENATAttnProcessor
     _available_processors = [ENATAttnProcessor]
+    # fused projection -> the projections it concatenates (along the output features), as the processor reads them
+    fused_projection_parts = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_kv": ("add_k_proj", "add_v_proj")}
 
     def __init__(self, query_dim: int, heads: int, processor=None):
         super().__init__()
@@ -248,10 +250,8 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
         matmuls). The separate projections stay; `unfuse_projections` drops the fused ones."""
         if self.fused_projections:
             return
-        for name, parts in (
-            ("to_qkv", (self.to_q, self.to_k, self.to_v)),
-            ("to_added_kv", (self.add_k_proj, self.add_v_proj)),
-        ):
+        for name, part_names in self.fused_projection_parts.items():
+            parts = [getattr(self, part) for part in part_names]
             weight = torch.cat([p.weight for p in parts])
             fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
             fused.weight.copy_(weight)
