@@ -279,7 +279,9 @@ class ENATAttention(nn.Module, AttentionModuleMixin):
 class ENATBlock(nn.Module):
     """
     Transformer block with 8-way adaLN modulation: shift/scale for the own tokens, shift/scale for the context
-    tokens, an attention gate, and shift/scale/gate for the MLP. The same block type serves encoder and decoder.
+    tokens, an attention gate, and shift/scale/gate for the MLP. The same block type serves encoder and decoder. The
+    block owns its `adaLN_modulation` but the model applies it (once per condition, see `ENATReuseState.modulation`)
+    and passes the result to `forward`.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
