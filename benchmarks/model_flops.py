@@ -30,7 +30,9 @@ def _block_flops(dim: int, mlp_dim: int, num_own: int, num_context: int) -> int:
     return projections + attention + feed_forward
 
 
-def enat_forward_flops(config, num_visible: int, num_masked: int, num_new=None, num_text: int = 0) -> int:
+def enat_forward_flops(
+    config, num_visible: int, num_masked: int, num_new=None, num_text: int = 0, modulation: str = "all"
+) -> int:
     """FLOPs of one `ENATTransformer2DModel` forward for one row.
 
     Args:
@@ -40,6 +42,9 @@ def enat_forward_flops(config, num_visible: int, num_masked: int, num_new=None, 
         num_new: with a reuse state, how many of the visible tokens were revealed since it (the encoder runs over
             them; the other visible tokens and the text are context through `prev_proj`). `None`: no reuse state.
         num_text: text tokens (text-to-image models).
+        modulation: which blocks' adaLN modulation this forward computes: `"all"` (ours, without a reuse state),
+            `"none"` (ours with one: it takes the modulation from the state), `"running"` (the original code: every
+            block that runs, at every step).
     """
     dim, codebook = config.hidden_size, config.codebook_size
     mlp_dim = int(dim * config.mlp_ratio)
@@ -54,10 +59,17 @@ def enat_forward_flops(config, num_visible: int, num_masked: int, num_new=None, 
     else:
         encoded, reused = num_new, num_visible - num_new + num_text
     flops += 2 * reused * dim * 4 * dim * 2  # prev_proj: a residual 4x MLP
-    modulation = 2 * dim * 8 * dim  # each block's adaLN shifts, scales and gates from the condition
-    if encoded > 0:  # (with nothing to encode, the encoder does not run)
-        flops += config.num_encoder_layers * (modulation + _block_flops(dim, mlp_dim, encoded, reused))
-    flops += config.num_decoder_layers * (modulation + _block_flops(dim, mlp_dim, num_masked, reused + encoded))
+    if modulation not in ("all", "none", "running"):
+        raise ValueError(f"modulation must be 'all', 'none' or 'running', got {modulation!r}")
+    block_modulation = 2 * dim * 8 * dim  # a block's adaLN shifts, scales and gates from the condition
+    encoder_runs = encoded > 0  # (with nothing to encode, the encoder does not run)
+    if modulation == "all" or (modulation == "running" and encoder_runs):
+        flops += config.num_encoder_layers * block_modulation
+    if modulation != "none":
+        flops += config.num_decoder_layers * block_modulation
+    if encoder_runs:
+        flops += config.num_encoder_layers * _block_flops(dim, mlp_dim, encoded, reused)
+    flops += config.num_decoder_layers * _block_flops(dim, mlp_dim, num_masked, reused + encoded)
     return flops + 2 * seq_len * dim * (dim + codebook)  # head: dense, then scores against the codebook table
 
 
@@ -77,7 +89,14 @@ def masked_counts(seq_len: int, step_mask_ratios: Sequence[float]) -> List[int]:
     return [seq_len] + [num_tokens_to_mask(seq_len, ratio) for ratio in step_mask_ratios[:-1]]
 
 
-def generation_flops(transformer, step_mask_ratios: Sequence[float], guided: bool, reuse: bool, num_text: int = 0):
+def generation_flops(
+    transformer,
+    step_mask_ratios: Sequence[float],
+    guided: bool,
+    reuse: bool,
+    num_text: int = 0,
+    modulation_every_step: bool = False,
+):
     """Model FLOPs per image of a pipeline generation (`ENATPipeline`) with this schedule.
 
     Args:
@@ -86,6 +105,8 @@ def generation_flops(transformer, step_mask_ratios: Sequence[float], guided: boo
         guided: whether classifier-free guidance runs (the pipeline then doubles every step's batch).
         reuse: ENAT's feature reuse (ignored for a NAT).
         num_text: text tokens of a text-to-image ENAT.
+        modulation_every_step: the adaLN modulation at every step, as the original code computes it (this package
+            computes it at the first step only when it reuses features).
     """
     config = transformer.config
     seq_len = config.sample_size**2
@@ -96,7 +117,8 @@ def generation_flops(transformer, step_mask_ratios: Sequence[float], guided: boo
     total = 0
     for step, masked in enumerate(counts):
         new = counts[step - 1] - masked if reuse and step > 0 else None
-        total += enat_forward_flops(config, seq_len - masked, masked, new, num_text)
+        modulation = "running" if modulation_every_step else "all" if new is None else "none"
+        total += enat_forward_flops(config, seq_len - masked, masked, new, num_text, modulation=modulation)
     return rows * total
 
 

@@ -117,11 +117,11 @@ def test_group_offloading_gives_the_same_logits():
 def test_a_block_compiles_without_graph_breaks():
     model = tiny_transformer()
     block = model.encoder_blocks[0]
-    hidden, conditioning, context = torch.randn(2, 5, 32), torch.randn(2, 32), torch.randn(2, 3, 32)
+    hidden, modulation, context = torch.randn(2, 5, 32), torch.randn(2, 8 * 32), torch.randn(2, 3, 32)
     with torch.no_grad():
-        reference = block(hidden, conditioning, context)
+        reference = block(hidden, modulation, context)
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-        assert torch.allclose(compiled(hidden, conditioning, context), reference, atol=1e-6)
+        assert torch.allclose(compiled(hidden, modulation, context), reference, atol=1e-6)
     assert model._repeated_blocks == ["ENATBlock"]
 
 
