@@ -48,7 +48,7 @@ def test_the_exact_distribution_knows_the_shape(numbers):
         for shape in ("circle", "square", "triangle"):
             prefix = f"all masked | {size} | {shape} | "
             true_all = numbers[prefix + "true"]["exact_cross_entropy"]
-            swapped_all = [row["exact_cross_entropy"] for key, row in numbers.items() if key.startswith(prefix + "as ")]
+            swapped_all = [row["exact_cross_entropy"] for key, row in numbers.items() if key.startswith(prefix + "as")]
             assert len(swapped_all) == 2
             # a scene's own caption makes its tokens likelier than another shape's caption does
             assert all(true_all < other for other in swapped_all)
