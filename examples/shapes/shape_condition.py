@@ -93,7 +93,7 @@ def measure(pipe: ENATPipeline, scenes_per_kind: int, seed: int):
                         sums[(state, size, shape, name)] += [
                             -model.gather(1, target[:, None]).sum().item(),
                             (model.argmax(1) == target).sum().item(),
-                            (-exact.gather(1, target[:, None])).clamp(max=EXACT_CAP).sum().item(),
+                            (-exact.gather(1, target[:, None])).clamp(0, EXACT_CAP).sum().item(),
                             len(target),
                         ]
     return {
