@@ -249,6 +249,15 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--validation_guidance_scale", type=float, default=None, help="Guidance scale (default: the scheduler's)."
     )
+    parser.add_argument(
+        "--validation_mask_temperature", type=float, default=None, help="Mask temperature (default: the scheduler's)."
+    )
+    parser.add_argument(
+        "--validation_sampling_temperature",
+        type=float,
+        default=None,
+        help="Sampling temperature (default: the scheduler's; a new model's scheduler has ImageNet's settings).",
+    )
     # ENAT's optimisation: AdamW, a linear warm-up then a constant learning rate, no gradient clipping
     add_common_arguments(parser, ("max_train_steps", "output_dir"), train_batch_size=64, learning_rate=4e-4)
     parser.set_defaults(lr_scheduler="constant_with_warmup", lr_warmup_steps=5000, adam_beta1=0.99, adam_beta2=0.99)
@@ -891,6 +900,8 @@ def log_validation(pipe, args, accelerator, global_step: int, output_dir: Path):
         num_images_per_prompt=count,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
+        mask_temperature=args.validation_mask_temperature,
+        sampling_temperature=args.validation_sampling_temperature,
         generator=generator,
     ).images
     columns = count if count > 1 else min(len(images), 4)

@@ -227,6 +227,33 @@ def test_metadata_jsonl_trains_with_tensorboard_and_generates(base, text_data, t
     assert (output_dir / "validation" / "step-000005.png").is_file()  # the final validation
 
 
+def test_validation_sampling_settings_reach_the_pipeline(base, tmp_path):
+    # temperatures 0 make generation deterministic: the validation grid then no longer depends on the seed
+    components = base / "components"
+    pipe = ENATPipeline(
+        transformer=ENATTransformer2DModel(**TEXT_CONFIG).eval(),
+        scheduler=MaskedTokenScheduler.from_pretrained(components / "scheduler"),
+        vqvae=VQModel.from_pretrained(components / "vqvae"),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=tiny_tokenizer(),
+    )
+    tracker_free = type("Accelerator", (), {"trackers": []})()
+    PartialState()  # the script logs through accelerate
+
+    def grid(seed, *extra):
+        args = train_enat.parse_args([
+            "--pretrained_model_name_or_path", str(components), "--train_data_dir", str(tmp_path),
+            "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1", "--seed", str(seed),
+            "--validation_prompts", "a red square at the top left", "--validation_num_inference_steps", "2", *extra,
+        ])  # fmt: skip
+        train_enat.log_validation(pipe, args, tracker_free, seed, tmp_path)
+        return np.asarray(Image.open(tmp_path / "validation" / f"step-{seed:06d}.png"))
+
+    assert not np.array_equal(grid(0), grid(1))  # the scheduler's temperatures sample
+    greedy = ["--validation_mask_temperature", "0", "--validation_sampling_temperature", "0"]
+    assert np.array_equal(grid(2, *greedy), grid(3, *greedy))
+
+
 def test_coco_layout_uses_every_caption(base, tmp_path):
     image_dir, annotations = write_coco(tmp_path / "coco")
     data = train_enat.read_training_data(
