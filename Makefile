@@ -53,7 +53,8 @@ ENAT_STEPS ?= 2000
 # the text encoder run on the thread counts their recipes were measured with: the thread count changes the numerics,
 # and these short runs are sensitive to it (on 2 threads the VQ model's reconstructions pass ShapesEval 84 % instead of
 # 97.7 %; on 1 thread the text encoder's held-out retrieval is 85.1 % instead of 93.7 %).
-LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --num_cpu_threads_per_process
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no \
+	--num_cpu_threads_per_process
 ACCELERATE := $(LAUNCH) $(shell nproc)
 SHAPES_TRAIN := $(TRAIN_DIR)/data/train
 SHAPES_VAL := $(TRAIN_DIR)/data/validation
