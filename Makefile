@@ -48,6 +48,7 @@ CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-enco
 # stage is skipped. Copy the result over the shipped model with `make install-demo-model`.
 TRAIN_DIR ?= outputs/train-demo
 VQ_SEED ?= 0
+CLIP_SEED ?= 0
 ENAT_STEPS ?= 2000
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: the ENAT stages get every core. The VQ model and
 # the text encoder run on the thread counts their recipes were measured with: the thread count changes the numerics,
@@ -119,14 +120,18 @@ $(TRAIN_DIR)/vqgan/tokenizer_report.json: $(TRAIN_DIR)/vqgan/vqvae/config.json
 		"make train-demo TRAIN_DIR=$(TRAIN_DIR)-seed1 VQ_SEED=1" && false)
 	mv $@.tmp $@
 
-$(TRAIN_DIR)/clip/text_encoder/config.json: $(SHAPES_TRAIN)/metadata.jsonl
+# A text encoder that confuses captions caps the ENAT stage (at 85 % held-out retrieval instead of 94 %, the model
+# drew a wrong colour 10 % of the time instead of 2 %): stop before that stage too.
+$(TRAIN_DIR)/clip/held_out_retrieval.json: $(SHAPES_TRAIN)/metadata.jsonl
 	$(LAUNCH) 2 examples/train_text_encoder.py --train_data_dir $(SHAPES_TRAIN) --validation_data_dir $(SHAPES_VAL) \
 		--output_dir $(TRAIN_DIR)/clip --max_length 32 --text_hidden_size 64 --text_num_layers 2 --text_num_heads 4 \
 		--projection_dim 64 --vision_hidden_size 64 --vision_num_layers 2 --vision_num_heads 4 --resolution 64 \
 		--patch_size 8 --train_batch_size 128 --max_train_steps 1000 --learning_rate 2e-3 --lr_warmup_steps 100 \
-		--hard_negative_weight 1.0 --checkpointing_steps 250 --seed 0 --resume_from_checkpoint latest
+		--hard_negative_weight 1.0 --checkpointing_steps 250 --seed $(CLIP_SEED) --resume_from_checkpoint latest \
+		--min_held_out_retrieval 0.9 || (rm -f $@; echo "retrain the text encoder in another folder, e.g." \
+		"make train-demo TRAIN_DIR=$(TRAIN_DIR)-seed1 CLIP_SEED=1" && false)
 
-$(TRAIN_DIR)/enat/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/text_encoder/config.json \
+$(TRAIN_DIR)/enat/model_index.json: $(TRAIN_DIR)/vqgan/vqvae/config.json $(TRAIN_DIR)/clip/held_out_retrieval.json \
 		| $(TRAIN_DIR)/vqgan/tokenizer_report.json
 	$(ACCELERATE) examples/train_enat.py $(ENAT_SHAPES_ARGS) --resume_from_checkpoint latest
 

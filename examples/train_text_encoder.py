@@ -17,7 +17,8 @@ Captions are tokenized as the pipeline does: padded to `--max_length` with `<|en
 Data: an HF `imagefolder` with captions, i.e. `DIR/metadata.jsonl` with one `{"file_name": ..., "text": ...}` line
 per image (`file_name` relative to DIR). Images that cannot be read are skipped with a warning naming each of them.
 At the end the held-out pairs are scored by retrieval: top-1 accuracy of caption -> image (and image -> caption)
-among `--validation_batch_size` candidates; a retrieved item with the very same caption counts as a hit.
+among `--validation_batch_size` candidates; a retrieved item with the very same caption counts as a hit. The scores
+are written to `OUTPUT_DIR/held_out_retrieval.json`, and `--min_held_out_retrieval` makes a weak encoder an error.
 
 Plain contrastive training learns a bag of words: among random in-batch negatives, "a red circle on the left and a
 blue square on the right" and the same caption with the positions (or colours) swapped almost never compete, so
@@ -38,6 +39,7 @@ token embedding) and a 3.6 MB `tokenizer/`; a step costs about 0.25 s of one CPU
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
 
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from accelerate.logging import get_logger
 from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection
 
 from enat_diffusers import build_clip_tokenizer
-from enat_diffusers.utils.cli import run_cli
+from enat_diffusers.utils.cli import UsageError, run_cli
 from enat_diffusers.utils.training import (
     TrainingRun,
     add_common_arguments,
@@ -102,6 +104,14 @@ def parse_args(input_args=None):
         help="Weight of the word-swap hard-negative loss (NegCLIP): each image must prefer its caption over the "
         "caption with two words of one kind swapped. Teaches word order and attribute binding; 0: plain CLIP.",
     )
+    parser.add_argument(
+        "--min_held_out_retrieval",
+        type=float,
+        default=None,
+        help="Fail (exit status 1) when the final held-out caption -> image top-1 is below this fraction; the "
+        "encoder and OUTPUT_DIR/held_out_retrieval.json are still written. A weak text encoder caps every "
+        "text-to-image model trained on it, so a pipeline stops here rather than after the transformer's training.",
+    )
     add_common_arguments(parser, overwrite=True, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=100)
     parser.set_defaults(train_batch_size=64, max_train_steps=2000, adam_beta2=0.98, adam_epsilon=1e-6)
     parser.set_defaults(
@@ -120,6 +130,8 @@ def parse_args(input_args=None):
         hidden, heads = getattr(args, f"{tower}_hidden_size"), getattr(args, f"{tower}_num_heads")
         if hidden % heads:
             raise ValueError(f"--{tower}_hidden_size {hidden} is not divisible by --{tower}_num_heads {heads}")
+    if args.min_held_out_retrieval is not None and not 0 < args.min_held_out_retrieval <= 1:
+        raise ValueError(f"--min_held_out_retrieval must be in (0, 1], got {args.min_held_out_retrieval}")
     if args.max_length < 3:
         raise ValueError(f"--max_length must hold at least the bos and eos tokens and one word, got {args.max_length}")
     return args
@@ -414,15 +426,17 @@ def train(args, run: TrainingRun) -> dict | None:
             text_encoder, clip, validation_dataset.input_ids[: args.validation_batch_size].to(accelerator.device)
         )
 
-        def save(staging):
-            text_encoder.save_pretrained(staging / "text_encoder")
-            tokenizer.save_pretrained(staging / "tokenizer")
-
-        run.output.save(save)
         metrics = evaluate(
             clip, validation_dataset, args.validation_batch_size, negatives, tokenizer, accelerator.device
         )
         accelerator.log(metrics, step=run.global_step)
+
+        def save(staging):
+            text_encoder.save_pretrained(staging / "text_encoder")
+            tokenizer.save_pretrained(staging / "tokenizer")
+            (staging / "held_out_retrieval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+        run.output.save(save)
         accelerator.print(
             f"Held-out retrieval ({len(validation_dataset)} pairs, top-1 among {args.validation_batch_size}): caption "
             f"-> image {metrics['val/text_to_image_top1']:.1%}, image -> caption "
@@ -430,6 +444,13 @@ def train(args, run: TrainingRun) -> dict | None:
             f"{metrics['val/word_order_accuracy']:.1%} of the time. The text encoder and tokenizer are in "
             f"{run.output_dir}."
         )
+        minimum = args.min_held_out_retrieval
+        if minimum is not None and metrics["val/text_to_image_top1"] < minimum:
+            raise UsageError(
+                f"Held-out caption -> image retrieval is {metrics['val/text_to_image_top1']:.1%}, below "
+                f"--min_held_out_retrieval {minimum:.1%}: a text-to-image model trained on this encoder would confuse "
+                "the captions it cannot tell apart. Train it again into another folder with another --seed."
+            )
     return metrics
 
 

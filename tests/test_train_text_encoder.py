@@ -100,6 +100,20 @@ def test_saved_text_encoder_equals_the_trained_clip_text_tower(trained):
     assert outputs.text_embeds.shape == (2, 16) and outputs.last_hidden_state.shape == (2, 16, 16)
     for name in ("text_to_image_top1", "image_to_text_top1", "word_order_accuracy"):
         assert 0 <= metrics[f"val/{name}"] <= 1
+    assert json.loads((output_dir / "held_out_retrieval.json").read_text()) == metrics
+
+
+def test_a_text_encoder_below_the_retrieval_bar_is_an_error(data_dir, tmp_path):
+    """The final scores are written either way; below --min_held_out_retrieval the run fails and names the score."""
+    passed = train(data_dir, tmp_path / "low-bar", "--max_train_steps", 2, "--min_held_out_retrieval", 0.01)
+    top1 = passed["val/text_to_image_top1"]
+    assert top1 < 1  # two steps on tiny data: far from perfect, so a bar of 100 % fails
+    with pytest.raises(UsageError, match=rf"retrieval is {top1:.1%}, below --min_held_out_retrieval 100.0%"):
+        train(data_dir, tmp_path / "high-bar", "--max_train_steps", 2, "--min_held_out_retrieval", 1)
+    assert json.loads((tmp_path / "high-bar" / "held_out_retrieval.json").read_text()) == passed
+    assert (tmp_path / "high-bar" / "text_encoder" / "config.json").is_file()
+    with pytest.raises(ValueError, match="must be in"):
+        train_text_encoder.parse_args(["--train_data_dir", "x", "--min_held_out_retrieval", "0"])
 
 
 def test_word_swap_negatives():
