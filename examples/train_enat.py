@@ -192,14 +192,6 @@ def parse_args(input_args=None):
         "of the original initialisation) instead of N(0, 0.02): short runs learn spatial neighbourhoods sooner.",
     )
     parser.add_argument(
-        "--code_appearance_embeddings",
-        action="store_true",
-        help="New models only: start each code's row of the token embedding table (which the output head shares) "
-        "from what the VQ model draws for that code (through a fixed random projection, std 0.02) added to its "
-        "N(0, 0.02) start, scaled back to std 0.02: codes that look alike (one shape edge in two colours) start "
-        "close, and what the transformer learns for one transfers to the others.",
-    )
-    parser.add_argument(
         "--region_mask_prob",
         type=float,
         default=0.0,
@@ -287,8 +279,6 @@ def parse_args(input_args=None):
         raise ValueError(f"--beta_alpha_beta must be two positive numbers, got {args.beta_alpha_beta}.")
     if args.sincos_position_embeddings and args.transformer_config is None:
         raise ValueError("--sincos_position_embeddings initialises a new model: it needs --transformer_config.")
-    if args.code_appearance_embeddings and args.transformer_config is None:
-        raise ValueError("--code_appearance_embeddings initialises a new model: it needs --transformer_config.")
     for name in ("cond_dropout_prob", "region_mask_prob", "reuse_prob", "label_smoothing", "ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
@@ -561,32 +551,6 @@ def sincos_grid(side: int, dim: int, std: float = 0.02) -> torch.Tensor:
     return (grid * std / grid.std()).float()
 
 
-@torch.no_grad()
-def code_appearance(vqvae: VQModel, grid: int = 5) -> torch.Tensor:
-    """`(num_codes, 3 * f * f)`: the pixels the VQ model's decoder draws for each code (`f` pixels per token side),
-    read from the centre token of a `grid` x `grid` grid filled with that code."""
-    num_codes, factor = vqvae.config.num_vq_embeddings, vqvae_downsampling(vqvae)
-    dim = vqvae.config.vq_embed_dim or vqvae.config.latent_channels
-    rows = []
-    for codes in torch.arange(num_codes, device=vqvae.device).split(64):
-        ids = codes[:, None, None].expand(-1, grid, grid)
-        images = vqvae.decode(ids, force_not_quantize=True, shape=(len(codes), grid, grid, dim)).sample
-        centre = slice(grid // 2 * factor, (grid // 2 + 1) * factor)
-        rows.append(images[:, :, centre, centre].flatten(1).float())
-    return torch.cat(rows)
-
-
-def code_appearance_embeddings(vqvae: VQModel, hidden_size: int, std: float = 0.02, seed: int = 0) -> torch.Tensor:
-    """`(num_codes, hidden_size)` token embeddings that keep the geometry of `code_appearance`: its rows centred,
-    times a fixed Gaussian projection (seeded), scaled to standard deviation `std`."""
-    pixels = code_appearance(vqvae)
-    pixels = pixels - pixels.mean(dim=0)
-    generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(pixels.shape[1], hidden_size, generator=generator, dtype=pixels.dtype)
-    table = pixels.cpu() @ projection
-    return table * std / table.std()
-
-
 def load_models(args):
     """The transformer to train, scheduler, VQ model, text encoder/tokenizer (text models) and class names; the
     models in float32 (the frozen ones too: token ids and text embeddings do not depend on --mixed_precision)."""
@@ -614,17 +578,6 @@ def load_models(args):
         return VQModel.from_pretrained(path, dtype=torch.float32, **kwargs)
 
     vqvae = load_component(load_vqvae, args.vqvae_name_or_path or pretrained, "vqvae", revision)
-    if args.code_appearance_embeddings:
-        if vqvae.config.num_vq_embeddings != transformer.config.codebook_size:
-            raise ValueError(
-                f"--code_appearance_embeddings: the VQ model has {vqvae.config.num_vq_embeddings} codes but the "
-                f"transformer's codebook_size is {transformer.config.codebook_size}."
-            )
-        table = transformer.embed.word_embeddings.weight  # (codebook_size + 1, D): the last row is [MASK]
-        with torch.no_grad():
-            # the random N(0, 0.02) rows stay, so that codes that look nearly alike still start apart
-            rows = table[: transformer.config.codebook_size]
-            rows.copy_((rows + code_appearance_embeddings(vqvae, table.shape[1]).to(rows)) / 2**0.5)
     scheduler = MaskedTokenScheduler(mask_token_id=transformer.config.codebook_size)
     if pretrained is not None:
         try:
