@@ -9,7 +9,7 @@ can be cross-checked exactly (`tests/test_model_flops.py`). ENAT's shapes (paper
 * decoder blocks over the [MASK] tokens, with every visible token as key/value context;
 * the output head over every position; classifier-free guidance doubles every row of every step.
 
-The vanilla NAT (`NATTransformer2DModel`, AutoNAT) runs every token (plus the class token) through every block.
+The vanilla NAT (`NATTransformer2DModel`, AutoNAT) runs every token (plus the condition tokens) through every block.
 """
 
 import math
@@ -73,13 +73,17 @@ def enat_forward_flops(
     return flops + 2 * seq_len * dim * (dim + codebook)  # head: dense, then scores against the codebook table
 
 
-def nat_forward_flops(config) -> int:
-    """FLOPs of one `NATTransformer2DModel` forward for one row: every token through every block."""
+def nat_forward_flops(config, num_text: int = 0) -> int:
+    """FLOPs of one `NATTransformer2DModel` forward for one row: every token through every block. The condition
+    tokens lead: the class token, or the pooled text token and `num_text` text tokens (text-to-image models)."""
     dim, codebook = config.hidden_size, config.codebook_size
     mlp_dim = int(dim * config.mlp_ratio)
     seq_len = config.sample_size**2
-    tokens = seq_len + 1  # the class token leads
-    flops = (config.num_layers + 1) * _block_flops(dim, mlp_dim, tokens, 0)
+    flops, tokens = 0, seq_len + 1
+    if config.get("text_embed_dim") is not None:
+        flops += 2 * (1 + num_text) * config.text_embed_dim * dim  # pooled and token text embeddings -> hidden size
+        tokens += num_text
+    flops += (config.num_layers + 1) * _block_flops(dim, mlp_dim, tokens, 0)
     flops += (config.num_layers // 2) * 2 * tokens * 2 * dim * dim  # long-skip projections
     return flops + 2 * seq_len * dim * (dim + codebook)
 
@@ -104,7 +108,7 @@ def generation_flops(
         step_mask_ratios: the scheduler's per-step mask ratios (after `set_timesteps`).
         guided: whether classifier-free guidance runs (the pipeline then doubles every step's batch).
         reuse: ENAT's feature reuse (ignored for a NAT).
-        num_text: text tokens of a text-to-image ENAT.
+        num_text: text tokens of a text-to-image model.
         modulation_every_step: the adaLN modulation at every step, as the original code computes it (this package
             computes it at the first step only when it reuses features).
     """
@@ -113,7 +117,7 @@ def generation_flops(
     rows = 2 if guided else 1
     counts = masked_counts(seq_len, step_mask_ratios)
     if "num_encoder_layers" not in config:  # a NAT
-        return rows * len(counts) * nat_forward_flops(config)
+        return rows * len(counts) * nat_forward_flops(config, num_text)
     total = 0
     for step, masked in enumerate(counts):
         new = counts[step - 1] - masked if reuse and step > 0 else None

@@ -69,7 +69,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from enat_diffusers import ENATPipeline, ENATReuseState, ENATTransformer2DModel, MaskedTokenScheduler
+from enat_diffusers import (
+    ENATPipeline,
+    ENATReuseState,
+    ENATTransformer2DModel,
+    MaskedTokenScheduler,
+    NATTransformer2DModel,
+)
 from enat_diffusers.schedulers.scheduling_masked_token import lowest_scores_mask
 from enat_diffusers.utils.cli import (
     UsageError,
@@ -124,7 +130,8 @@ def parse_args(input_args=None):
         "--transformer_config",
         type=str,
         default=None,
-        help="JSON file with the ENATTransformer2DModel config of a new model, trained from scratch.",
+        help="JSON file with the config of a new transformer, trained from scratch: ENATTransformer2DModel "
+        'arguments, or a plain NAT\'s with "_class_name": "NATTransformer2DModel".',
     )
     parser.add_argument(
         "--vqvae_name_or_path",
@@ -201,7 +208,10 @@ def parse_args(input_args=None):
         "ENATInpaintPipeline do.",
     )
     parser.add_argument(
-        "--reuse_prob", type=float, default=0.5, help="Probability that a batch is trained with a reuse state."
+        "--reuse_prob",
+        type=float,
+        default=None,
+        help="Probability that a batch is trained with a reuse state (default: 0.5 for ENAT; a NAT has no reuse).",
     )
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument(
@@ -280,7 +290,7 @@ def parse_args(input_args=None):
     if args.sincos_position_embeddings and args.transformer_config is None:
         raise ValueError("--sincos_position_embeddings initialises a new model: it needs --transformer_config.")
     for name in ("cond_dropout_prob", "region_mask_prob", "reuse_prob", "label_smoothing", "ema_decay"):
-        if not 0 <= getattr(args, name) <= 1:
+        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], got {getattr(args, name)}.")
     positive = ["train_batch_size", "max_train_steps", "gradient_accumulation_steps", "encode_batch_size"]
     positive += ["logging_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "rank"]
@@ -522,20 +532,33 @@ def load_text_encoder(path: str, revision: Optional[str]):
     return text_encoder, load_component(CLIPTokenizer.from_pretrained, path, "tokenizer", revision)
 
 
-def read_transformer_config(path: str) -> dict:
-    """The config of a new transformer, checked: JSON, known keys, values of the right types."""
+TRANSFORMER_CLASSES = {cls.__name__: cls for cls in (ENATTransformer2DModel, NATTransformer2DModel)}
+
+
+def transformer_class(config: dict, where: str):
+    """The transformer class a config names by `_class_name` (ENAT when it names none)."""
+    name = config.get("_class_name", ENATTransformer2DModel.__name__)
+    if name not in TRANSFORMER_CLASSES:
+        raise ValueError(f"{where} names the class {name!r}; this script trains {sorted(TRANSFORMER_CLASSES)}.")
+    return TRANSFORMER_CLASSES[name]
+
+
+def read_transformer_config(path: str):
+    """The class and arguments of a new transformer, checked: JSON, known keys, values of the right types."""
+    where = f"--transformer_config {path}"
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as error:
-        raise UsageError(f"--transformer_config {path} is not valid JSON: {error}") from None
+        raise UsageError(f"{where} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
-        raise UsageError(f"--transformer_config {path} is not a JSON object of ENATTransformer2DModel arguments.")
-    check_config_types(config, ENATTransformer2DModel, f"--transformer_config {path}")
-    accepted = set(inspect.signature(ENATTransformer2DModel.__init__).parameters) - {"self"}
+        raise UsageError(f"{where} is not a JSON object of transformer arguments.")
+    cls = transformer_class(config, where)
+    check_config_types(config, cls, where)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(key for key in config if not key.startswith("_") and key not in accepted)
     if unknown:
-        raise ValueError(f"--transformer_config {path} has unknown keys {unknown}; accepted: {sorted(accepted)}.")
-    return {key: value for key, value in config.items() if not key.startswith("_")}
+        raise ValueError(f"{where} has unknown keys {unknown}; accepted by {cls.__name__}: {sorted(accepted)}.")
+    return cls, {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def sincos_grid(side: int, dim: int, std: float = 0.02) -> torch.Tensor:
@@ -556,7 +579,8 @@ def load_models(args):
     models in float32 (the frozen ones too: token ids and text embeddings do not depend on --mixed_precision)."""
     pretrained, revision = args.pretrained_model_name_or_path, args.revision
     if args.transformer_config is not None:
-        transformer = ENATTransformer2DModel(**read_transformer_config(args.transformer_config))
+        cls, config = read_transformer_config(args.transformer_config)
+        transformer = cls(**config)
         logger.info(f"Training a new transformer from {args.transformer_config}.")
         if args.sincos_position_embeddings:
             table = transformer.embed.position_embeddings.weight
@@ -564,7 +588,9 @@ def load_models(args):
                 table.copy_(sincos_grid(transformer.config.sample_size, table.shape[1]))
     else:
         try:
-            transformer = ENATTransformer2DModel.from_pretrained(
+            config = ENATTransformer2DModel.load_config(pretrained, subfolder="transformer", revision=revision)
+            cls = transformer_class(config, f"{pretrained}/transformer/config.json")
+            transformer = cls.from_pretrained(
                 pretrained, subfolder="transformer", revision=revision, dtype=torch.float32
             )
         except OSError as error:
@@ -955,6 +981,10 @@ def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipelin
     resolution = check_compatibility(transformer, scheduler, vqvae, text_encoder, args.resolution)
     if resume_checkpoint is not None:
         check_resume_config(resume_checkpoint, transformer)
+    if args.reuse_prob is None:
+        args.reuse_prob = 0.5 if transformer.supports_reuse else 0.0
+    elif args.reuse_prob and not transformer.supports_reuse:
+        raise UsageError(f"--reuse_prob {args.reuse_prob}: {type(transformer).__name__} has no feature reuse; pass 0.")
     text_to_image = transformer.config.text_embed_dim is not None
     data = read_training_data(args, text_to_image)
     if not text_to_image:
@@ -1038,10 +1068,10 @@ def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipelin
         if args.use_lora:
             load_lora_state_dict(transformer, checkpoint_dir)
         else:
-            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder="transformer")
+            loaded = type(transformer).from_pretrained(checkpoint_dir, subfolder="transformer")
             transformer.load_state_dict(loaded.state_dict())
         if ema_model is not None:
-            loaded = ENATTransformer2DModel.from_pretrained(checkpoint_dir, subfolder="transformer_ema")
+            loaded = type(transformer).from_pretrained(checkpoint_dir, subfolder="transformer_ema")
             ema_model.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_class_pipeline, tiny_text_pipeline, tiny_vqvae
+from conftest import tiny_class_pipeline, tiny_text_encoder, tiny_text_pipeline, tiny_tokenizer, tiny_vqvae
 from model_flops import counted_flops, generation_flops
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DModel
@@ -43,12 +43,23 @@ def test_reuse_saves_flops_and_a_nat_of_the_same_size_costs_more():
 
 
 @torch.no_grad()
-def test_nat_generation_flops_are_exact():
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_nat_generation_flops_are_exact(kind):
     torch.manual_seed(0)
+    condition = {"num_classes": 10} if kind == "class" else {"num_classes": None, "text_embed_dim": 16}
     transformer = NATTransformer2DModel(
-        sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_layers=4, num_classes=10
+        sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_layers=4, **condition
     ).eval()
-    pipe = ENATPipeline(transformer, MaskedTokenScheduler(mask_token_id=8), tiny_vqvae())
+    text = {} if kind == "class" else {"text_encoder": tiny_text_encoder(), "tokenizer": tiny_tokenizer()}
+    pipe = ENATPipeline(transformer, MaskedTokenScheduler(mask_token_id=8), tiny_vqvae(), **text)
     pipe.set_progress_bar_config(disable=True)
-    counted = counted_flops(lambda: run(pipe, None, 2.0, class_labels=[1, 2, 3]))
-    assert counted == 3 * generation_flops(transformer, pipe.scheduler.step_mask_ratios, True, False)
+    if kind == "class":
+        counted = counted_flops(lambda: run(pipe, None, 2.0, class_labels=[1, 2, 3]))
+        num_text = 0
+    else:
+        prompts = ["a red circle", "a blue square", "a green triangle"]
+        counted = counted_flops(lambda: run(pipe, None, 2.0, prompt=prompts))
+        counted -= counted_flops(lambda: pipe.encode_prompt(prompts, "cpu", 1, True))  # the CLIP text encoder's
+        num_text = pipe.tokenizer.model_max_length
+    ratios = pipe.scheduler.step_mask_ratios
+    assert counted == 3 * generation_flops(transformer, ratios, True, False, num_text)

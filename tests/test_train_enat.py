@@ -20,7 +20,7 @@ from diffusers import VQModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler
+from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
 from enat_diffusers.utils.cli import UsageError, run_cli
 
 
@@ -680,3 +680,39 @@ def test_a_new_model_from_separate_components_asks_no_hub_for_a_scheduler(base, 
     )  # fmt: skip
     scheduler = MaskedTokenScheduler.from_pretrained(output_dir / "scheduler")
     assert scheduler.config.mask_token_id == CODES
+
+
+def test_a_plain_nat_config_trains_a_text_nat_that_resumes_and_generates(base, text_data, tmp_path):
+    """`"_class_name": "NATTransformer2DModel"` in --transformer_config trains AutoNAT's plain NAT (text in context,
+    rotary positions) without reuse; it resumes exactly and saves a pipeline that generates."""
+    config = {"_class_name": "NATTransformer2DModel", "sample_size": 8, "codebook_size": CODES, "hidden_size": 32,
+              "num_attention_heads": 2, "num_layers": 2, "mlp_ratio": 2.0, "num_classes": None, "text_embed_dim": 16,
+              "use_rotary_positional_embeddings": True}  # fmt: skip
+    (tmp_path / "nat.json").write_text(json.dumps(config))
+    common = ["--pretrained_model_name_or_path", base / "components", "--transformer_config", tmp_path / "nat.json",
+              "--train_data_dir", text_data, *FAST, "--checkpointing_steps", "2", "--logging_steps", "1"]  # fmt: skip
+    train(*common, "--output_dir", tmp_path / "straight", "--max_train_steps", "4")
+    train(*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "2")
+    train(
+        *common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"
+    )
+
+    logs = [(tmp_path / run / "train_log.csv").read_text().splitlines()[1:] for run in ("straight", "resumed")]
+    assert [row.split(",")[:2] for row in logs[0]] == [row.split(",")[:2] for row in logs[1]]  # steps 1-4, losses
+    assert [row.split(",")[4] for row in logs[0]] == ["0.0"] * 4  # no batch used a reuse state
+    pipe = ENATPipeline.from_pretrained(tmp_path / "straight")
+    assert isinstance(pipe.transformer, NATTransformer2DModel)
+    assert pipe.transformer.config.use_rotary_positional_embeddings
+    trained = transformer_weights(tmp_path / "straight" / "transformer")
+    assert all(
+        torch.equal(trained[k], v) for k, v in transformer_weights(tmp_path / "resumed" / "transformer").items()
+    )
+    images = pipe("a red square at the top left", num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
+
+    status, message = train_cli(*common, "--output_dir", tmp_path / "reuse", "--reuse_prob", "0.5")
+    assert status == 1 and "NATTransformer2DModel has no feature reuse; pass 0" in message
+    (tmp_path / "other.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    status, message = train_cli(*common[:2], "--transformer_config", tmp_path / "other.json", *common[4:],
+                                "--output_dir", tmp_path / "other")  # fmt: skip
+    assert status == 1 and "names the class 'UNet2DModel'" in message

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline, MaskedTokenScheduler, NATTransformer2DModel
 from enat_diffusers.conversion import checkpoints as convert
+from enat_diffusers.models.transformer_enat import grid_rotary_table
 from enat_diffusers.schedulers import scheduling_masked_token
 
 
@@ -303,3 +304,92 @@ def test_editing_pipelines_run_a_nat_and_keep_the_known_tokens():
     img2img.set_progress_bar_config(disable=True)
     edited = img2img(class_labels=[4], image=image, strength=0.5, output_type="latent").images
     assert edited.shape == (1, 16, 16) and (edited.reshape(-1) != encoded).any()
+
+
+def text_nat(**overrides) -> NATTransformer2DModel:
+    """A tiny text-to-image NAT whose attention is far from uniform (query and key weights scaled up)."""
+    torch.manual_seed(0)
+    config = dict(sample_size=4, codebook_size=8, hidden_size=32, num_attention_heads=2, num_layers=2, mlp_ratio=2.0)
+    model = NATTransformer2DModel(**{**config, "num_classes": None, "text_embed_dim": 16, **overrides}).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".to_q." in name or ".to_k." in name:
+                parameter.mul_(30)
+    return model
+
+
+def text_inputs(batch_size=2, text_length=5):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 9, (batch_size, 16), generator=generator)  # 8 = [MASK]
+    text = torch.randn(batch_size, text_length, 16, generator=generator)
+    return ids, text, torch.randn(batch_size, 16, generator=generator)
+
+
+@torch.no_grad()
+def test_text_nat_reads_both_text_embeddings_and_checks_its_condition():
+    model = text_nat()
+    ids, text, pooled = text_inputs()
+    logits = model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits
+    assert logits.shape == (2, 16, 8) and torch.isfinite(logits).all()
+    # the pooled token and the text tokens are both read; neither is predicted
+    assert not torch.allclose(model(ids, encoder_hidden_states=text, pooled_text_embeds=-pooled).logits, logits)
+    assert not torch.allclose(model(ids, encoder_hidden_states=-text, pooled_text_embeds=pooled).logits, logits)
+    # rows are independent: the first row alone gives the same logits
+    alone = model(ids[:1], encoder_hidden_states=text[:1], pooled_text_embeds=pooled[:1]).logits
+    torch.testing.assert_close(alone, logits[:1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="text-to-image model"):
+        model(ids, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="text-to-image model"):
+        model(ids, pooled_text_embeds=pooled)
+    with pytest.raises(ValueError, match=r"pooled_text_embeds must have shape \(2, 16\)"):
+        model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled[:, :8])
+    with pytest.raises(ValueError, match="encoder_hidden_states must have shape"):
+        model(ids, encoder_hidden_states=text[:1], pooled_text_embeds=pooled)
+    with pytest.raises(ValueError, match="class-conditional model"):
+        converted("autonat_tiny.pth")(torch.full((1, 256), 32), torch.tensor([1]), pooled_text_embeds=pooled[:1])
+    with pytest.raises(ValueError, match="exactly one of num_classes"):
+        text_nat(num_classes=10)
+    with pytest.raises(ValueError, match="exactly one of num_classes"):
+        text_nat(text_embed_dim=None)
+
+
+@torch.no_grad()
+def test_rotary_nat_rotates_image_queries_and_keys_by_grid_position():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from enat_diffusers.models.transformer_nat import NATRotaryAttnProcessor
+
+    model = text_nat(use_rotary_positional_embeddings=True)
+    assert all(isinstance(p, NATRotaryAttnProcessor) for p in model.attn_processors.values())
+    ids, text, pooled = text_inputs()
+    rotated = model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits
+    plain = text_nat()  # the same weights (same seed), without the rotations
+    unrotated = plain(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits
+    assert not torch.allclose(rotated, unrotated, atol=1e-4)
+    # without rotations the processor computes what diffusers' own does
+    plain.set_attn_processor(NATRotaryAttnProcessor())
+    torch.testing.assert_close(
+        plain(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits, unrotated, atol=1e-5, rtol=1e-5
+    )
+    # every block gets the rotations of [pooled, 5 text tokens, 16 image tokens in raster order]: none for the
+    # condition tokens, the grid table's rows for the image tokens
+    seen = []
+
+    class Recording(NATRotaryAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            seen.append(rotary_emb)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+    model.set_attn_processor(Recording())
+    torch.testing.assert_close(model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits, rotated)
+    cos, sin = grid_rotary_table(4, 16)
+    assert len(seen) == 3  # in-block, mid-block, out-block
+    for rotary_cos, rotary_sin in seen:
+        assert rotary_cos.shape == rotary_sin.shape == (1, 22, 16)
+        assert torch.equal(rotary_cos[0, :6], torch.ones(6, 16)) and torch.equal(rotary_sin[0, :6], torch.zeros(6, 16))
+        assert torch.equal(rotary_cos[0, 6:], cos[:16]) and torch.equal(rotary_sin[0, 6:], sin[:16])
+    model.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(ValueError, match="do not take them"):
+        model(ids, encoder_hidden_states=text, pooled_text_embeds=pooled)
+    with pytest.raises(ValueError, match="head width divisible by 4"):
+        text_nat(hidden_size=12, num_attention_heads=2, use_rotary_positional_embeddings=True)
