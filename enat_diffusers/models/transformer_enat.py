@@ -160,6 +160,21 @@ def apply_rotary(x: torch.Tensor, rotary: Tuple[torch.Tensor, torch.Tensor]) -> 
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def attend(processor, attn, query, key, value, attention_mask=None) -> torch.Tensor:
+    """Attention of `(B, N, H, Dh)` queries, keys and values through diffusers' `dispatch_attention_fn` (with the
+    processor's backend and parallel config), then `attn`'s output projection: `(B, N, H * Dh)`."""
+    hidden_states = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+    hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+    return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
 class ENATAttnProcessor:
     """
     Default processor of [`ENATAttention`]: queries from the block's own tokens; keys and values from [context
@@ -203,16 +218,7 @@ class ENATAttnProcessor:
                 context_key = apply_rotary(context_key, rotary_emb[1])
             key = torch.cat([context_key, key], dim=1)  # (B, Nc + N, H, Dh)
             value = torch.cat([context_value, value], dim=1)
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        return attend(self, attn, query, key, value, attention_mask)
 
 
 class ENATAttention(nn.Module, AttentionModuleMixin):

@@ -24,7 +24,6 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, BasicTransformerBlock
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
@@ -33,6 +32,7 @@ from .transformer_enat import (
     ENATMlmHead,
     ENATTokenEmbedding,
     apply_rotary,
+    attend,
     check_no_attention_kwargs,
     check_token_grid,
     grid_rotary_table,
@@ -72,16 +72,7 @@ class NATRotaryAttnProcessor:
         )  # (B, N, H, Dh)
         if rotary_emb is not None:
             query, key = apply_rotary(query, rotary_emb), apply_rotary(key, rotary_emb)
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](hidden_states))
+        return attend(self, attn, query, key, value, attention_mask)
 
 
 class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
