@@ -16,6 +16,7 @@ the output. With `use_rotary_positional_embeddings`, queries and keys of image t
 position (2D rotary, as in ENAT; `NATRotaryAttnProcessor`).
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
@@ -73,6 +74,11 @@ class NATRotaryAttnProcessor:
         if rotary_emb is not None:
             query, key = apply_rotary(query, rotary_emb), apply_rotary(key, rotary_emb)
         return attend(self, attn, query, key, value, attention_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_rotary(processor_class) -> bool:
+    return "rotary_emb" in inspect.signature(processor_class.__call__).parameters
 
 
 class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
@@ -205,32 +211,34 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         unrotated), or `None` without rotary embeddings."""
         if not self.config.use_rotary_positional_embeddings:
             return None
-        unknown = [
-            name
-            for name, processor in self.attn_processors.items()
-            if "rotary_emb" not in inspect.signature(processor.__call__).parameters
-        ]
+        unknown = [name for name, processor in self.attn_processors.items() if not _takes_rotary(type(processor))]
         if unknown:
             raise ValueError(
                 f"This NAT uses rotary position embeddings, but the attention processors of {unknown[:3]} do not take "
                 "them; set NATRotaryAttnProcessor (or one with a `rotary_emb` argument)."
             )
-        side = self.config.sample_size
-        table = grid_rotary_table(side, self.config.hidden_size // self.config.num_attention_heads)
-        positions = torch.cat([torch.full((num_condition,), side * side), torch.arange(side * side)])
-        return {"rotary_emb": tuple(t[positions].unsqueeze(0).to(device=device, dtype=dtype) for t in table)}
+        table = getattr(self, "_rotary_table", None)
+        if (
+            table is None
+            or table[0].device != device
+            or table[0].shape[1] != num_condition + self.config.sample_size**2
+        ):
+            side = self.config.sample_size
+            cos, sin = grid_rotary_table(side, self.config.hidden_size // self.config.num_attention_heads)
+            positions = torch.cat([torch.full((num_condition,), side * side), torch.arange(side * side)])
+            table = self._rotary_table = tuple(t[positions].unsqueeze(0).to(device) for t in (cos, sin))
+        return {"rotary_emb": tuple(t.to(dtype) for t in table)}
 
-    def _condition_tokens(self, batch_size, class_labels, encoder_hidden_states, pooled_text_embeds, device):
-        """The in-context condition tokens `(B, C, D)`, checked."""
+    def _check_condition(self, batch_size, class_labels, encoder_hidden_states, pooled_text_embeds):
+        """The condition's inputs checked (shapes and kinds; the label values are checked with the token ids)."""
         if self.config.num_classes is not None:
             if encoder_hidden_states is not None or pooled_text_embeds is not None:
                 raise ValueError("This is a class-conditional model: pass `class_labels` and no text embeddings.")
             if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point():
                 raise ValueError("class_labels must be an integer tensor with one class id per row of input_ids.")
-            class_labels = class_labels.reshape(-1)
-            if class_labels.shape[0] != batch_size:
-                raise ValueError(f"class_labels has {class_labels.shape[0]} labels for a batch of {batch_size}.")
-            return self.class_embed(class_labels.to(device).unsqueeze(1))  # (B, 1, D)
+            if class_labels.reshape(-1).shape[0] != batch_size:
+                raise ValueError(f"class_labels has {class_labels.numel()} labels for a batch of {batch_size}.")
+            return
         if class_labels is not None or pooled_text_embeds is None or encoder_hidden_states is None:
             raise ValueError(
                 "This is a text-to-image model: pass `pooled_text_embeds` and `encoder_hidden_states`, not "
@@ -246,6 +254,11 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
                 f"encoder_hidden_states must have shape ({batch_size}, text_sequence_length, {width}), got "
                 f"{tuple(encoder_hidden_states.shape)}."
             )
+
+    def _condition_tokens(self, class_labels, encoder_hidden_states, pooled_text_embeds, device):
+        """The in-context condition tokens `(B, C, D)`: the class token, or the pooled and token text embeddings."""
+        if self.config.num_classes is not None:
+            return self.class_embed(class_labels.reshape(-1, 1).to(device))  # (B, 1, D)
         pooled = self.pooled_text_embedder(pooled_text_embeds.to(device, self.dtype)).unsqueeze(1)  # (B, 1, D)
         return torch.cat([pooled, self.context_embedder(encoder_hidden_states.to(device, self.dtype))], dim=1)
 
@@ -285,9 +298,7 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
             )
         check_no_attention_kwargs(attention_kwargs, type(self).__name__)
         input_ids = check_token_grid(input_ids, self.config.sample_size)
-        condition = self._condition_tokens(
-            input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds, input_ids.device
-        )
+        self._check_condition(input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds)
         checks = [((input_ids < 0) | (input_ids > self.mask_token_id)).sum()]
         if class_labels is not None:
             checks.append(((class_labels < 0) | (class_labels > self.config.num_classes)).sum().to(input_ids.device))
@@ -302,6 +313,7 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
                 f"({self.config.num_classes} is the null class)."
             )
 
+        condition = self._condition_tokens(class_labels, encoder_hidden_states, pooled_text_embeds, input_ids.device)
         num_condition = condition.shape[1]
         hidden_states = torch.cat([condition, self.embed(input_ids)], dim=1)  # (B, C + L, D)
         block_kwargs = self._rotary_emb(num_condition, hidden_states.device, hidden_states.dtype)
