@@ -10,6 +10,7 @@ ENAT is a non-autoregressive transformer over VQ tokens. Two ideas shape this fi
   the previous step's final features, passed through a small residual MLP (`prev_proj`), serve as their context.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -150,6 +151,12 @@ def grid_rotary_table(side: int, head_dim: int, theta: float = 10000.0):
     ]
     cos, sin = (torch.cat([table[i] for table in tables], dim=-1) for i in (0, 1))  # (L, head_dim)
     return torch.cat([cos, torch.ones(1, head_dim)]), torch.cat([sin, torch.zeros(1, head_dim)])
+
+
+@functools.lru_cache(maxsize=None)
+def device_rotary_table(side: int, head_dim: int, device: torch.device):
+    """`grid_rotary_table` on `device`, built once per size and device (the models index it at every forward)."""
+    return tuple(t.to(device) for t in grid_rotary_table(side, head_dim))
 
 
 def apply_rotary(x: torch.Tensor, rotary: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -487,10 +494,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     def _rotary_emb(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)`, each `(B, N, head_dim)`, of raster `positions` `(B, N)` (`sample_size**2`: no rotation)."""
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        table = getattr(self, "_rotary_table", None)
-        if table is None or table[0].device != positions.device:
-            table = tuple(t.to(positions.device) for t in grid_rotary_table(self.config.sample_size, head_dim))
-            self._rotary_table = table
+        table = device_rotary_table(self.config.sample_size, head_dim, positions.device)
         return tuple(t[positions].to(dtype) for t in table)
 
     def _rotary_embs(self, positions, num_text: int, num_old: int, num_new: int, reuse: bool, dtype):

@@ -36,7 +36,7 @@ from .transformer_enat import (
     attend,
     check_no_attention_kwargs,
     check_token_grid,
-    grid_rotary_table,
+    device_rotary_table,
 )
 
 
@@ -217,17 +217,11 @@ class NATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
                 f"This NAT uses rotary position embeddings, but the attention processors of {unknown[:3]} do not take "
                 "them; set NATRotaryAttnProcessor (or one with a `rotary_emb` argument)."
             )
-        table = getattr(self, "_rotary_table", None)
-        if (
-            table is None
-            or table[0].device != device
-            or table[0].shape[1] != num_condition + self.config.sample_size**2
-        ):
-            side = self.config.sample_size
-            cos, sin = grid_rotary_table(side, self.config.hidden_size // self.config.num_attention_heads)
-            positions = torch.cat([torch.full((num_condition,), side * side), torch.arange(side * side)])
-            table = self._rotary_table = tuple(t[positions].unsqueeze(0).to(device) for t in (cos, sin))
-        return {"rotary_emb": tuple(t.to(dtype) for t in table)}
+        side = self.config.sample_size
+        table = device_rotary_table(side, self.config.hidden_size // self.config.num_attention_heads, device)
+        # condition tokens take the table's last row (no rotation), image tokens their grid position
+        positions = torch.cat([torch.full((num_condition,), side * side), torch.arange(side * side)]).to(device)
+        return {"rotary_emb": tuple(t[positions].unsqueeze(0).to(dtype) for t in table)}
 
     def _check_condition(self, batch_size, class_labels, encoder_hidden_states, pooled_text_embeds):
         """The condition's inputs checked (shapes and kinds; the label values are checked with the token ids)."""
