@@ -9,6 +9,10 @@ can be cross-checked exactly (`tests/test_model_flops.py`). ENAT's shapes (paper
 * decoder blocks over the [MASK] tokens, with every visible token as key/value context;
 * the output head over every position; classifier-free guidance doubles every row of every step.
 
+With `patch_size > 1` the blocks run on token groups (every count above counts groups, as the scheduler does), plus
+the group embedding and output projections (`embed.patch_embed`, `proj_out`) over every group; the head still runs
+over every token.
+
 The vanilla NAT (`NATTransformer2DModel`, AutoNAT) runs every token (plus the condition tokens) through every block.
 """
 
@@ -37,8 +41,8 @@ def enat_forward_flops(
 
     Args:
         config: the transformer's config.
-        num_visible: visible image tokens.
-        num_masked: [MASK] tokens (the decoder's own tokens).
+        num_visible: visible image positions (tokens, or token groups with `patch_size > 1`).
+        num_masked: [MASK] positions (the decoder's own).
         num_new: with a reuse state, how many of the visible tokens were revealed since it (the encoder runs over
             them; the other visible tokens and the text are context through `prev_proj`). `None`: no reuse state.
         num_text: text tokens (text-to-image models).
@@ -48,8 +52,10 @@ def enat_forward_flops(
     """
     dim, codebook = config.hidden_size, config.codebook_size
     mlp_dim = int(dim * config.mlp_ratio)
-    seq_len = config.sample_size**2
+    seq_len, patch = config.sample_size**2, config.get("patch_size", 1)
     flops = 0
+    if patch > 1:  # group embedding and output projections over every group
+        flops += 2 * 2 * (seq_len // patch**2) * patch**2 * dim * dim
     if config.text_embed_dim is not None:
         flops += 2 * config.text_embed_dim * dim  # pooled text -> condition
     if num_new is None:
@@ -113,7 +119,7 @@ def generation_flops(
             computes it at the first step only when it reuses features).
     """
     config = transformer.config
-    seq_len = config.sample_size**2
+    seq_len = config.sample_size**2 // config.get("patch_size", 1) ** 2  # the scheduler's units
     rows = 2 if guided else 1
     counts = masked_counts(seq_len, step_mask_ratios)
     if "num_encoder_layers" not in config:  # a NAT

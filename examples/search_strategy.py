@@ -519,7 +519,7 @@ def run_search(args):
     pipe = _load_pipeline(args.model, accelerator.device)
     metric = _build_metric(args, pipe, accelerator)
     init = _initial_strategy(args, pipe)
-    num_tokens = pipe.transformer.config.sample_size**2
+    num_tokens = pipe.transformer.config.sample_size**2 // pipe.token_patch_size**2  # units: token groups
     say = print if main_process else (lambda *a, **k: None)
 
     log = open(args.log, "w") if main_process else None  # one line per evaluation, as it happens

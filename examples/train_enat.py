@@ -85,6 +85,7 @@ from enat_diffusers.utils.cli import (
     run_cli,
     write_file_atomically,
 )
+from enat_diffusers.utils.token_groups import expand_group_mask, group_mask
 from enat_diffusers.utils.training import (
     METADATA_FILE,
     EMAState,
@@ -584,8 +585,9 @@ def load_models(args):
         logger.info(f"Training a new transformer from {args.transformer_config}.")
         if args.sincos_position_embeddings:
             table = transformer.embed.position_embeddings.weight
+            side = transformer.config.sample_size // getattr(transformer.config, "patch_size", 1)
             with torch.no_grad():
-                table.copy_(sincos_grid(transformer.config.sample_size, table.shape[1]))
+                table.copy_(sincos_grid(side, table.shape[1]))
     else:
         try:
             config = ENATTransformer2DModel.load_config(pretrained, subfolder="transformer", revision=revision)
@@ -613,6 +615,10 @@ def load_models(args):
     if args.beta_alpha_beta is not None:
         alpha, beta = args.beta_alpha_beta
         scheduler = MaskedTokenScheduler.from_config(scheduler.config, beta_alpha=alpha, beta_beta=beta)
+    # the transformer's token groups are the scheduler's units (a pretrained pipeline's scheduler already has them)
+    scheduler = MaskedTokenScheduler.from_config(
+        scheduler.config, patch_size=getattr(transformer.config, "patch_size", 1)
+    )
 
     text_encoder = tokenizer = None
     if transformer.config.text_embed_dim is not None:
@@ -766,15 +772,17 @@ class TextConditions:
 
 
 def mask_in_regions(
-    clean: torch.LongTensor, mask_token_id: int, side: int, ratio: float, generator
+    clean: torch.LongTensor, mask_token_id: int, side: int, ratio: float, generator, patch_size: int = 1
 ) -> torch.LongTensor:
     """
     Editing-style training masks for `clean` `(B, side**2)`: the region to regenerate is a random half (left, right,
     top or bottom) of every image's grid, or a random quarter (one of the four quadrants), one size for the whole
     batch; `round(region_size * ratio)` tokens of the region (at least 1) are masked at random, none outside it.
-    Every row gets the same count.
+    Every row gets the same count. With `patch_size > 1` all of this is on the grid of token groups, whose groups
+    are masked whole.
     """
     batch_size = clean.shape[0]
+    side //= patch_size
     line, half = torch.arange(side), side // 2
     # rows/columns of the first half, of the second half (equal sizes: an odd grid's middle line is in neither), all
     spans = torch.stack([line < half, line >= side - half, torch.ones(side, dtype=torch.bool)])
@@ -788,20 +796,24 @@ def mask_in_regions(
     region = region.reshape(batch_size, -1)
     count = max(round(int(region[0].sum()) * ratio), 1)
     scores = torch.rand(region.shape, generator=generator).masked_fill(~region, 2.0)  # outside: never picked
-    return clean.masked_fill(lowest_scores_mask(scores, count), mask_token_id)
+    return clean.masked_fill(expand_group_mask(lowest_scores_mask(scores, count), patch_size), mask_token_id)
 
 
-def mask_previous_step(input_ids: torch.LongTensor, mask_token_id: int, generator) -> torch.LongTensor:
+def mask_previous_step(
+    input_ids: torch.LongTensor, mask_token_id: int, generator, patch_size: int = 1
+) -> torch.LongTensor:
     """
     The input of a simulated previous sampling step for reuse training: the masked tokens of `input_ids` plus `k`
     more, `k = round(num_visible * u)` with `u ~ U[0, 1)`, the same `k` in every row (ENAT `train.py`). Tokens masked
-    now are thus a subset of those masked then, and every row keeps an equal number of masked tokens.
+    now are thus a subset of those masked then, and every row keeps an equal number of masked tokens. With
+    `patch_size > 1` the units are token groups.
     """
-    masked = input_ids == mask_token_id
-    num_visible = input_ids.shape[1] - int(masked[0].sum())
+    masked = group_mask(input_ids == mask_token_id, patch_size, "input_ids")
+    num_visible = masked.shape[1] - int(masked[0].sum())
     num_extra = round(num_visible * torch.rand((), generator=generator).item())
-    scores = torch.rand(input_ids.shape, generator=generator).masked_fill(masked, 2.0)  # masked ones never picked
-    return input_ids.masked_fill(lowest_scores_mask(scores, num_extra), mask_token_id)
+    scores = torch.rand(masked.shape, generator=generator).masked_fill(masked, 2.0)  # masked ones never picked
+    extra = expand_group_mask(lowest_scores_mask(scores, num_extra), patch_size)
+    return input_ids.masked_fill(extra, mask_token_id)
 
 
 class TrainingRNG:
@@ -1087,6 +1099,8 @@ def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipelin
 
     # 4. Train.
     mask_token_id = transformer.mask_token_id
+    patch_size = getattr(transformer.config, "patch_size", 1)
+
     if args.lr_warmup_steps >= args.max_train_steps:
         logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps: the run ends warming up.")
 
@@ -1103,12 +1117,14 @@ def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipelin
         condition = {k: v.to(accelerator.device) for k, v in conditions(image_indices, drop, generator).items()}
         if args.region_mask_prob and torch.rand((), generator=generator) < args.region_mask_prob:
             ratio = scheduler.sample_mask_ratio(generator)
-            input_ids = mask_in_regions(clean, mask_token_id, transformer.config.sample_size, ratio, generator)
+            input_ids = mask_in_regions(
+                clean, mask_token_id, transformer.config.sample_size, ratio, generator, patch_size
+            )
         else:
             input_ids = scheduler.add_noise(clean, generator=generator)
         masked = input_ids == mask_token_id
         reuse = bool(torch.rand((), generator=generator) < args.reuse_prob)
-        previous_ids = mask_previous_step(input_ids, mask_token_id, generator) if reuse else None
+        previous_ids = mask_previous_step(input_ids, mask_token_id, generator, patch_size) if reuse else None
         window["mask_ratio"] += masked[0].float().mean().item()
         input_ids, clean, masked = (t.to(accelerator.device) for t in (input_ids, clean, masked))
 

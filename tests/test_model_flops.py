@@ -16,10 +16,15 @@ def run(pipe, reuse, guidance_scale, **condition):
 
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
-@pytest.mark.parametrize("kind", ["class", "text"])
+@pytest.mark.parametrize("kind", ["class", "text", "grouped"])
 @torch.no_grad()
 def test_enat_generation_flops_are_exact(kind, reuse, guidance_scale):
-    pipe = tiny_class_pipeline() if kind == "class" else tiny_text_pipeline()
+    if kind == "grouped":  # 2x2 token groups: 4 positions, so at most 4 steps
+        pipe = tiny_class_pipeline(patch_size=2)
+        pipe.scheduler = MaskedTokenScheduler(mask_token_id=8, patch_size=2)
+        kind = "class"
+    else:
+        pipe = tiny_class_pipeline() if kind == "class" else tiny_text_pipeline()
     condition = {"class_labels": [1, 2]} if kind == "class" else {"prompt": ["a red circle", "a blue square"]}
     counted = counted_flops(lambda: run(pipe, reuse, guidance_scale, **condition))
     num_text = 0 if kind == "class" else pipe.tokenizer.model_max_length

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from enat_diffusers import ENATPipeline, ENATTransformer2DModel, MaskedTokenScheduler, NATTransformer2DModel
 from enat_diffusers.utils.cli import UsageError, run_cli
+from enat_diffusers.utils.token_groups import group_mask
 
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -448,6 +449,59 @@ def test_region_mask_prob_trains_on_region_masks(base, class_data, tmp_path):
     class_run(base, class_data, output_dir, "--region_mask_prob", "1")
     ratios = [float(row.split(",")[3]) for row in (output_dir / "train_log.csv").read_text().splitlines()[1:]]
     assert ratios and all(0 < r <= 0.5 for r in ratios)  # at most a half of the grid is ever masked
+
+
+def test_training_masks_of_a_grouped_model_cover_whole_groups():
+    """With patch_size 2 (8x8 tokens, 4x4 groups) every training mask masks whole 2x2 groups: random masks, region
+    masks inside one half or quarter, and the reuse step's larger masks."""
+    generator = torch.Generator().manual_seed(0)
+    scheduler = MaskedTokenScheduler(mask_token_id=CODES, patch_size=2)
+    clean = torch.randint(0, CODES, (6, 64), generator=generator)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    halves = [cols < 4, cols >= 4, rows < 4, rows >= 4]
+    for _ in range(20):
+        noisy = scheduler.add_noise(clean, generator=generator)
+        regional = train_enat.mask_in_regions(clean, CODES, 8, 0.5, generator, patch_size=2)
+        for input_ids in (noisy, regional):
+            groups = group_mask(input_ids == CODES, 2)  # raises on a partly masked group
+            assert torch.all(groups.sum(1) == groups.sum(1)[0])
+            previous = train_enat.mask_previous_step(input_ids, CODES, generator, patch_size=2)
+            then = group_mask(previous == CODES, 2)
+            assert torch.all(then | ~groups) and torch.all(then.sum(1) == then.sum(1)[0])
+        masked = (regional == CODES).reshape(6, 8, 8)
+        assert all(any(not (row & ~half).any() for half in halves) for row in masked)  # within a half (or quarter)
+        assert int(masked[0].sum()) in (16, 8)  # half of a half's 8 groups or of a quarter's 4, 4 tokens each
+
+
+def test_a_grouped_text_model_trains_resumes_and_generates(base, text_data, tmp_path):
+    """`"patch_size": 2` in --transformer_config: the scheduler saved with the pipeline gets the same patch_size,
+    the sine-cosine start covers the 4x4 grid of groups, training resumes exactly, and the pipeline generates."""
+    config = tmp_path / "grouped.json"
+    config.write_text(json.dumps({**TEXT_CONFIG, "patch_size": 2}))
+    common = ["--pretrained_model_name_or_path", base / "components", "--transformer_config", config,
+              "--train_data_dir", text_data, *FAST, "--checkpointing_steps", "2", "--logging_steps", "1",
+              "--region_mask_prob", "0.5", "--reuse_prob", "0.5", "--sincos_position_embeddings"]  # fmt: skip
+    train(*common, "--output_dir", tmp_path / "straight", "--max_train_steps", "4")
+    train(*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "2")
+    train(
+        *common, "--output_dir", tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"
+    )
+    logs = [(tmp_path / run / "train_log.csv").read_text().splitlines()[1:] for run in ("straight", "resumed")]
+    assert [row.split(",")[:2] for row in logs[0]] == [row.split(",")[:2] for row in logs[1]]
+    assert {row.split(",")[4] for row in logs[0]} >= {"0.0", "1.0"}  # batches with and without a reuse state
+
+    assert MaskedTokenScheduler.from_pretrained(tmp_path / "straight" / "scheduler").config.patch_size == 2
+    pipe = ENATPipeline.from_pretrained(tmp_path / "straight")
+    assert pipe.transformer.config.patch_size == 2
+    start = pipe.transformer.embed.position_embeddings.weight
+    assert start.shape == (16, 32) and torch.allclose(start, train_enat.sincos_grid(4, 32), atol=0.02)
+    seen = []
+    images = pipe(
+        "a red square at the top left", num_inference_steps=3, output_type="pt",
+        callback_on_step_end=lambda p, step, t, tensors: seen.append(tensors["latents"].clone()) or {},
+    ).images  # fmt: skip
+    assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
+    assert [int(group_mask(ids.reshape(1, 64) == CODES, 2).sum()) for ids in seen] == [13, 8, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

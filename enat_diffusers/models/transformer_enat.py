@@ -25,6 +25,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, apply_lora_scale
 from torch import nn
 
+from ..utils.token_groups import check_patch_size, group_mask, group_tokens, ungroup_tokens
+
 
 @dataclass
 class ENATReuseState(BaseOutput):
@@ -32,11 +34,12 @@ class ENATReuseState(BaseOutput):
     What one forward pass leaves for the next sampling step (ENAT's temporal reuse).
 
     Args:
-        hidden_states (`torch.Tensor` of shape `(batch_size, sequence_length, hidden_size)`):
-            Final hidden states of every image token, in raster order, before the output norm. Only the positions
-            that are visible (not masked) in `mask` are read by the next step.
-        mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`):
-            `True` where the token was [MASK] in this step's input.
+        hidden_states (`torch.Tensor` of shape `(batch_size, num_positions, hidden_size)`):
+            Final hidden states of every image position, in raster order, before the output norm: one per token, or
+            one per token group of a model with `patch_size > 1`. Only the positions that are visible (not masked)
+            in `mask` are read by the next step.
+        mask (`torch.BoolTensor` of shape `(batch_size, num_positions)`):
+            `True` where the token (group) was [MASK] in this step's input.
         text_hidden_states (`torch.Tensor` of shape `(batch_size, text_sequence_length, hidden_size)`, *optional*):
             Final hidden states of the text tokens (text-to-image models only).
         conditioning (`torch.Tensor` of shape `(batch_size, hidden_size)`, *optional*):
@@ -107,17 +110,28 @@ def check_token_grid(input_ids: torch.LongTensor, side: int) -> torch.LongTensor
 
 
 class ENATTokenEmbedding(nn.Module):
-    """Token embedding (codebook + [MASK]) plus a learned absolute position embedding, then LayerNorm."""
+    """
+    Token embedding (codebook + [MASK]) plus a learned absolute position embedding, then LayerNorm. With
+    `patch_size > 1` a position is a `patch_size x patch_size` group of tokens: their embeddings are concatenated and
+    projected to one (`patch_embed`), as a patch embedding does with pixels.
+    """
 
-    def __init__(self, vocab_size: int, num_positions: int, hidden_size: int):
+    def __init__(self, vocab_size: int, num_positions: int, hidden_size: int, patch_size: int = 1):
         super().__init__()
+        self.patch_size = patch_size
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        if patch_size > 1:
+            self.patch_embed = nn.Linear(patch_size**2 * hidden_size, hidden_size)
         self.position_embeddings = nn.Embedding(num_positions, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.norm(self.word_embeddings(input_ids) + self.position_embeddings(positions))  # (B, L, D)
+        """`(B, L)` token ids -> `(B, L / patch_size**2, D)` position embeddings."""
+        embeddings = self.word_embeddings(input_ids)  # (B, L, D)
+        if self.patch_size > 1:
+            embeddings = self.patch_embed(group_tokens(embeddings, self.patch_size).flatten(2))  # (B, G, D)
+        positions = torch.arange(embeddings.shape[1], device=input_ids.device)
+        return self.norm(embeddings + self.position_embeddings(positions))
 
     def codebook_table(self, codebook_size: int, device: torch.device) -> torch.Tensor:
         """The first `codebook_size` rows of the token table (no [MASK] row), looked up through the embedding module
@@ -374,6 +388,12 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             (`grid_rotary_table`; text tokens are not rotated), on top of the learned absolute position embedding.
             Attention scores then depend on relative offsets, so a masked token can find its neighbours among the
             visible tokens from the start of training.
+        patch_size (`int`, defaults to 1): This package's extension (the released checkpoints have 1): the side of
+            the square group of tokens that one transformer position holds. The blocks then run on
+            `(sample_size / patch_size)**2` positions, several times cheaper; a group's token embeddings are
+            concatenated and projected (`embed.patch_embed`), and its output is projected back to one feature per
+            token (`proj_out`) before the tied output head. A group is masked or visible as a whole: the pipelines'
+            scheduler needs the same `patch_size`.
     """
 
     _supports_gradient_checkpointing = True
@@ -400,6 +420,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         text_embed_dim: Optional[int] = None,
         # this package's extension
         use_rotary_positional_embeddings: bool = False,
+        patch_size: int = 1,
     ):
         super().__init__()
         if (num_classes is None) == (text_embed_dim is None):
@@ -407,6 +428,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
                 "Set exactly one of `num_classes` (class-conditional model) and `text_embed_dim` (text-to-image "
                 f"model); got num_classes={num_classes}, text_embed_dim={text_embed_dim}."
             )
+        grid_positions = check_patch_size(sample_size, patch_size) ** 2
         if num_decoder_layers < 1:
             raise ValueError(f"num_decoder_layers must be at least 1, got {num_decoder_layers}.")
         head_dim = hidden_size // num_attention_heads
@@ -417,7 +439,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             )
 
         # vocabulary: the codebook plus [MASK] (id = codebook_size)
-        self.embed = ENATTokenEmbedding(codebook_size + 1, sample_size**2, hidden_size)
+        self.embed = ENATTokenEmbedding(codebook_size + 1, grid_positions, hidden_size, patch_size)
         if num_classes is not None:
             self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)  # last row: null class
         else:
@@ -432,6 +454,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             [ENATBlock(hidden_size, num_attention_heads, mlp_ratio) for _ in range(num_decoder_layers)]
         )
         self.norm_out = nn.LayerNorm(hidden_size, eps=1e-5)
+        if patch_size > 1:
+            self.proj_out = nn.Linear(hidden_size, patch_size**2 * hidden_size)
         self.mlm_head = ENATMlmHead(hidden_size, codebook_size)
 
         self.gradient_checkpointing = False
@@ -494,7 +518,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     def _rotary_emb(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)`, each `(B, N, head_dim)`, of raster `positions` `(B, N)` (`sample_size**2`: no rotation)."""
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        table = device_rotary_table(self.config.sample_size, head_dim, positions.device)
+        side = self.config.sample_size // self.config.patch_size
+        table = device_rotary_table(side, head_dim, positions.device)
         return tuple(t[positions].to(dtype) for t in table)
 
     def _rotary_embs(self, positions, num_text: int, num_old: int, num_new: int, reuse: bool, dtype):
@@ -554,9 +579,10 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         check_no_attention_kwargs(attention_kwargs, type(self).__name__)
         input_ids = check_token_grid(input_ids, self.config.sample_size)
         self._check_condition(input_ids.shape[0], class_labels, encoder_hidden_states, pooled_text_embeds)
-        mask = input_ids == self.mask_token_id  # (B, L)
+        patch_size = self.config.patch_size
+        mask = group_mask(input_ids == self.mask_token_id, patch_size, "input_ids")  # (B, L) or (B, G) positions
         num_masked, num_new = self._check_token_data(input_ids, class_labels, mask, reuse_state)
-        batch_size, seq_len = input_ids.shape
+        batch_size, seq_len = mask.shape
         dim = self.config.hidden_size
 
         # 1. Embed the condition (adaLN input) and all tokens (those already in a reuse state go unused).
@@ -568,7 +594,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         encoder_modulation, decoder_modulation = modulation.split(
             [self.config.num_encoder_layers, self.config.num_decoder_layers], dim=1
         )
-        hidden_states = self.embed(input_ids)  # (B, L, D)
+        hidden_states = self.embed(input_ids)  # (B, L, D), one per position
 
         # 2. Partition positions into [previously visible | newly visible | masked], each in raster order.
         if reuse_state is None:
@@ -618,9 +644,15 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         ordered = torch.cat([image_states, masked_tokens], dim=1)  # (B, L, D), aligned with `order`
         hidden_states = torch.zeros_like(ordered).scatter(1, order, ordered)  # (B, L, D)
 
-        # 6. Output head, tied to the token embedding ([MASK] row excluded; the original detaches the table).
+        # 6. Output head, tied to the token embedding ([MASK] row excluded; the original detaches the table). Token
+        #    groups are first projected back to one feature per token.
+        output_states = self.norm_out(hidden_states)
+        if patch_size > 1:
+            output_states = ungroup_tokens(
+                self.proj_out(output_states).unflatten(-1, (patch_size**2, dim)), patch_size
+            )
         word_embeddings = self.embed.codebook_table(self.config.codebook_size, hidden_states.device)
-        logits = self.mlm_head(self.norm_out(hidden_states), word_embeddings)  # (B, L, K)
+        logits = self.mlm_head(output_states, word_embeddings)  # (B, L tokens, K)
 
         text_states = text_states if self.config.text_embed_dim is not None else None
         state = ENATReuseState(hidden_states, mask, text_states, conditioning, modulation)
@@ -671,8 +703,9 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         Validates the data of the inputs and returns `(num_masked, num_newly_visible)` per row. All checks share one
         device-to-host transfer, which the token split sizes need anyway.
         """
-        batch_size, seq_len = input_ids.shape
+        batch_size, seq_len = mask.shape
         num_masked = mask.sum(1)  # (B,)
+
         stats = [
             ((input_ids < 0) | (input_ids > self.mask_token_id)).sum(),
             num_masked.min(),

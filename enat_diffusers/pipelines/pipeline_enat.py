@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from ..models.transformer_enat import ENATTransformer2DModel
 from ..models.transformer_nat import NATTransformer2DModel
 from ..schedulers.scheduling_masked_token import MaskedTokenScheduler
+from ..utils.token_groups import expand_group_mask
 
 
 logger = logging.get_logger(__name__)
@@ -586,7 +587,8 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
             if (predicted == self.transformer.mask_token_id).any():
                 raise ValueError(f"{what} holds [MASK]: it holds the predicted ids that fill the masked tokens.")
         if reuse_state is not None:
-            encoded = ~reuse_state.mask[: before.shape[0]]  # tokens the state holds features of
+            # tokens the state holds features of (its mask is per position: per token group with patch_size > 1)
+            encoded = ~expand_group_mask(reuse_state.mask[: before.shape[0]], self.token_patch_size)
             if (encoded & (latents != before)).any():
                 logger.info(f"step {step}: the callback changed encoded tokens; the next step re-encodes all")
                 reuse_state = None
@@ -894,6 +896,21 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         reference = torch.empty(latents.shape[0], side * side, dtype=torch.long, device=self._execution_device)
         return self._check_token_ids(latents, reference, "latents")
 
+    @property
+    def token_patch_size(self) -> int:
+        """
+        The side of the square token groups that are masked and revealed together: the transformer's `patch_size`
+        (1 for models without one). The scheduler must have the same `patch_size`; a clear error otherwise.
+        """
+        patch_size = getattr(self.transformer.config, "patch_size", 1)
+        scheduler_patch_size = self.scheduler.config.get("patch_size", 1)
+        if scheduler_patch_size != patch_size:
+            raise ValueError(
+                f"The transformer masks tokens in {patch_size}x{patch_size} groups (patch_size {patch_size}) but the "
+                f"scheduler has patch_size {scheduler_patch_size}: load the scheduler with patch_size={patch_size}."
+            )
+        return patch_size
+
     def prepare_timesteps(
         self,
         num_masked: int,
@@ -908,10 +925,11 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         num_masked=...)`: the schedule scaled to them) and this call's state (`_do_classifier_free_guidance`,
         `_guidance_scale`, `_num_timesteps`, `_interrupt`); returns the number of steps.
 
-        `min(num_inference_steps, num_masked)` steps run: never more steps than masked tokens. A scheduler with an
+        `min(num_inference_steps, num_masked)` steps run: never more steps than masked tokens (token groups, with a
+        `token_patch_size` above 1). A scheduler with an
         explicit per-step strategy fixes the number of steps; a start with fewer masked tokens than that is an error.
         """
-        steps = min(num_inference_steps, num_masked)
+        steps = min(num_inference_steps, num_masked // self.token_patch_size**2)
         fixed = self.scheduler.strategy_num_steps
         if fixed is not None and steps < num_inference_steps and steps != fixed:
             raise ValueError(

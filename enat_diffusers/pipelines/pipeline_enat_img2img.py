@@ -14,6 +14,8 @@ Rules (also in the `__call__` docstring):
 * **Schedule.** As for inpainting (`edit_mask_counts`): `min(num_inference_steps, M)` steps, ENAT's schedule
   scaled to the `M` re-masked tokens; `num_inference_steps` counts the edit's own steps (it is not the length of a
   full schedule cut by `strength`, as in diffusion img2img).
+* **Token groups.** A transformer with `patch_size > 1` masks whole `patch_size x patch_size` groups: `L`, `M` and the
+  steps count groups, a random choice draws one number per group, and a group's confidence is its tokens' sum.
 """
 
 import math
@@ -25,6 +27,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import replace_example_docstring
 
 from ..schedulers.scheduling_masked_token import lowest_scores_mask, uniform_noise
+from ..utils.token_groups import expand_group_mask, group_tokens
 from .pipeline_enat import ENATPipeline
 from .pipeline_enat_inpaint import ENATEditingMixin
 
@@ -71,7 +74,7 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
         and each masked token is scored by `log p(its id | the other tokens, condition)`. Returns `(B, L)` float32.
         """
         side = self.transformer.config.sample_size
-        index = torch.arange(side, device=tokens.device)
+        index = torch.arange(side, device=tokens.device) // self.token_patch_size  # cosets of whole token groups
         coset = ((index[:, None] % 2) * 2 + index[None, :] % 2).flatten()  # (L,)
         scores = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
         for group in range(4):
@@ -94,15 +97,19 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
         model_kwargs: Optional[Dict[str, torch.Tensor]] = None,
     ) -> torch.BoolTensor:
         """`(B, L)` bool, `True` at the `num_remask` tokens of each row to regenerate (see the module rules);
-        `model_kwargs` are the conditional rows, needed for `remask="confidence"`."""
+        `model_kwargs` are the conditional rows, needed for `remask="confidence"`. With a `token_patch_size` above
+        1, whole token groups are chosen (`num_remask` whole groups' tokens), a group's confidence being its
+        tokens' sum."""
         seq_len = tokens.shape[1]
         if num_remask >= seq_len:
             return torch.ones_like(tokens, dtype=torch.bool)  # draws nothing: strength 1 is plain generation
+        patch_size = self.token_patch_size
+        num_groups = seq_len // patch_size**2
         if remask == "random":
-            scores = uniform_noise(tokens.shape, generator, tokens.device)
+            scores = uniform_noise((tokens.shape[0], num_groups), generator, tokens.device)
         else:
-            scores = self.token_confidence(tokens, model_kwargs)
-        return lowest_scores_mask(scores, num_remask)
+            scores = group_tokens(self.token_confidence(tokens, model_kwargs), patch_size).sum(-1)
+        return expand_group_mask(lowest_scores_mask(scores, num_remask // patch_size**2), patch_size)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -198,7 +205,8 @@ class ENATImg2ImgPipeline(ENATEditingMixin, ENATPipeline):
             raise ValueError("Pass the `image` to edit.")
         device = self._execution_device
         seq_len = self.transformer.config.sample_size**2
-        num_remask = num_tokens_to_remask(float(strength), seq_len)
+        group = self.token_patch_size**2
+        num_remask = num_tokens_to_remask(float(strength), seq_len // group) * group  # whole token groups
 
         # 1. Image tokens, schedule (decides whether guidance runs), conditions.
         tokens = self._encode_pixels(self.preprocess_image(image, "image")).flatten(1)

@@ -257,13 +257,16 @@ class ENATEditingMixin:
     def get_token_mask(self, mask_image) -> torch.BoolTensor:
         """
         The tokens a pixel mask regenerates, `(B, h, w)` bool: a token is regenerated if any pixel of its `f x f`
-        cell is masked (after binarising at 0.5; `f` is the VQ model's downsampling factor).
+        cell is masked (after binarising at 0.5; `f` is the VQ model's downsampling factor). With a transformer of
+        `patch_size` `p > 1` the cell is that of the token's `p x p` group: whole groups are regenerated.
         """
         return self._token_mask(self.preprocess_mask(mask_image))
 
     def _token_mask(self, mask: torch.Tensor) -> torch.BoolTensor:
-        """Binarised `(B, 1, H, W)` pixel mask -> `(B, h, w)`: max-pool over each token's cell."""
-        return F.max_pool2d(mask.float(), kernel_size=self.vae_scale_factor).squeeze(1) > 0.5
+        """Binarised `(B, 1, H, W)` pixel mask -> `(B, h, w)`: max-pool over each token (group)'s cell."""
+        patch_size = self.token_patch_size
+        masked = F.max_pool2d(mask.float(), kernel_size=self.vae_scale_factor * patch_size).squeeze(1) > 0.5
+        return masked.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
 
     @torch.no_grad()
     def encode_image(self, image) -> torch.LongTensor:

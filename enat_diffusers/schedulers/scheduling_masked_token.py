@@ -11,6 +11,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..utils.token_groups import expand_group_mask, group_mask, group_tokens
+
 
 @dataclass
 class MaskedTokenSchedulerOutput(BaseOutput):
@@ -138,6 +140,10 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         guidance_scales (`List[float]`, *optional*): Guidance scale of each step (`T` values).
         beta_alpha (`float`, defaults to 12.0): `alpha` of the Beta distribution of training mask ratios.
         beta_beta (`float`, defaults to 3.0): `beta` of the Beta distribution of training mask ratios.
+        patch_size (`int`, defaults to 1): The transformer's `patch_size`. Above 1, tokens are masked and revealed in
+            `patch_size x patch_size` groups of the token grid (`enat_diffusers.utils.token_groups`): every count
+            above (`L`, `M`, the tokens revealed per step) counts groups, a group's confidence is the sum of its
+            sampled tokens' log-probabilities, and it gets one Gumbel draw.
     """
 
     order = 1
@@ -158,6 +164,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         # training mask ratio ~ Beta(alpha, beta)
         beta_alpha: float = 12.0,
         beta_beta: float = 3.0,
+        # the transformer's token groups
+        patch_size: int = 1,
     ):
         scalars = {
             "guidance_scale": guidance_scale,
@@ -177,6 +185,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
             any(r > 1 for r in mask_ratios) or any(b > a for a, b in zip(mask_ratios, mask_ratios[1:]))
         ):
             raise ValueError(f"mask_ratios must be non-increasing values in [0, 1], got {mask_ratios}.")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
         if beta_alpha <= 0 or beta_beta <= 0:
             raise ValueError(f"beta_alpha and beta_beta must be positive, got {beta_alpha}, {beta_beta}.")
         if len(_strategy_step_counts(lists)) > 1:
@@ -208,8 +218,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         config values of ENAT's formulas; they cannot override an explicit per-step list.
 
         `num_masked` is the number of [MASK] tokens at the start when not every token is masked: the mask ratios then
-        scale to them (`edit_mask_counts`; it needs `num_inference_steps <= num_masked`). `None`, or the sequence
-        length, keeps the rule of a fully masked start.
+        scale to them (`edit_mask_counts`; it needs `num_inference_steps <= num_masked`, counted in groups with
+        `patch_size > 1`). `None`, or the sequence length, keeps the rule of a fully masked start.
         """
         steps = num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -217,6 +227,13 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         if num_masked is not None:
             if isinstance(num_masked, bool) or not isinstance(num_masked, int) or num_masked < 1:
                 raise ValueError(f"num_masked must be a positive integer, got {num_masked!r}.")
+            group = self.config.patch_size**2
+            if num_masked % group:
+                raise ValueError(
+                    f"num_masked={num_masked} is not a whole number of {self.config.patch_size}x"
+                    f"{self.config.patch_size} token groups (patch_size {self.config.patch_size})."
+                )
+            num_masked //= group
             if steps > num_masked:
                 raise ValueError(
                     f"{num_masked} masked tokens take 1 to {num_masked} steps (each step reveals at least one), got "
@@ -338,13 +355,19 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
             sampled = log_probs.argmax(dim=-1)
         sampled = torch.where(is_masked, sampled, ids)  # (B, L)
 
-        # 2. Confidence: log-prob of the sample plus annealed Gumbel noise; visible tokens are certain.
+        # 2. Confidence: log-prob of the sample plus annealed Gumbel noise; visible tokens are certain. With token
+        #    groups, a group's confidence is its tokens' summed log-prob, and from here on the units are groups.
         confidence = log_probs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        patch_size = self.config.patch_size
+        if patch_size > 1:
+            is_masked = group_mask(is_masked, patch_size, "sample")  # (B, G)
+            confidence = group_tokens(confidence, patch_size).sum(-1)
+        seq_len = is_masked.shape[1]
         confidence = torch.where(is_masked, confidence, torch.inf)
         mask_temperature = self.step_mask_temperatures[step_index]
         if mask_temperature > 0:
-            confidence = confidence + mask_temperature * gumbel_noise(ids.shape, generator, ids.device)
-        if not torch.isfinite(torch.where(is_masked, confidence, 0.0)).all():  # (B, L): one cheap check
+            confidence = confidence + mask_temperature * gumbel_noise(is_masked.shape, generator, ids.device)
+        if not torch.isfinite(torch.where(is_masked, confidence, 0.0)).all():  # (B, L) or (B, G): one cheap check
             self._raise_not_finite(model_output, step_index, f"mask_temperature {mask_temperature} * Gumbel noise")
 
         # 3. Re-mask the least confident sampled tokens. With an explicit strategy (AutoNAT), every step but the last
@@ -353,15 +376,15 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         if self.num_masked is not None and self.num_masked != seq_len:
             if step_index == 0 and self.num_inference_steps > 1 and int(is_masked[0].sum()) != self.num_masked:
                 raise ValueError(
-                    f"set_timesteps(num_masked={self.num_masked}) but the first step's sample has "
-                    f"{int(is_masked[0].sum())} masked tokens per row."
+                    f"set_timesteps(num_masked={self.num_masked * patch_size**2}) but the first step's sample has "
+                    f"{int(is_masked[0].sum()) * patch_size**2} masked tokens per row."
                 )
             num_masked = self._scaled_mask_counts[step_index]
         else:
             num_masked = num_tokens_to_mask(seq_len, self.step_mask_ratios[step_index])
             if self.config.mask_ratios is not None and step_index < self.num_inference_steps - 1:
                 num_masked = max(1, min(int(is_masked[0].sum()) - 1, num_masked))
-        remask = lowest_scores_mask(confidence, num_masked) & is_masked
+        remask = expand_group_mask(lowest_scores_mask(confidence, num_masked) & is_masked, patch_size)
         prev_sample = torch.where(remask, self.config.mask_token_id, sampled)
 
         prev_sample, sampled = prev_sample.reshape(sample.shape), sampled.reshape(sample.shape)
@@ -394,7 +417,8 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         """
         Training-time masking (ENAT): one mask ratio for the whole batch (drawn from Beta(alpha, beta) unless
         `mask_ratio` is given), `round(L * ratio)` tokens clamped to `[1, L - 1]` masked at random in every row. Every
-        row gets the same count, as the transformer requires.
+        row gets the same count, as the transformer requires. With `patch_size > 1`, `L` counts token groups, and a
+        group is masked as a whole.
 
         Args:
             sample (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, height, width)`):
@@ -407,12 +431,14 @@ class MaskedTokenScheduler(SchedulerMixin, ConfigMixin):
         """
         batch_size = sample.shape[0]
         ids = sample.reshape(batch_size, -1)
-        seq_len = ids.shape[1]
+        patch_size = self.config.patch_size
+        seq_len = ids.shape[1] // patch_size**2
         if seq_len < 2:
-            raise ValueError("add_noise needs at least 2 tokens per sample.")
+            raise ValueError("add_noise needs at least 2 tokens (token groups) per sample.")
         ratio = self.sample_mask_ratio(generator) if mask_ratio is None else float(mask_ratio)
         count = min(max(round(seq_len * ratio), 1), seq_len - 1)
-        masked = lowest_scores_mask(uniform_noise(ids.shape, generator, ids.device), count)
+        masked = lowest_scores_mask(uniform_noise((batch_size, seq_len), generator, ids.device), count)
+        masked = expand_group_mask(masked, patch_size)
         return torch.where(masked, self.config.mask_token_id, ids).reshape(sample.shape)
 
 

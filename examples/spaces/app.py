@@ -243,7 +243,7 @@ class EnatDemo:
         self.fixed_steps = pipe.scheduler.strategy_num_steps  # a per-step strategy fixes the number of steps
         # ... and those of its settings that it lists per step (AutoNAT strategies); the sliders are then read-only
         self.fixed_settings = {name for name in SETTINGS if pipe.scheduler.config.get(name + "s") is not None}
-        self.max_steps = self.fixed_steps or min(self.num_tokens, 64)
+        self.max_steps = self.fixed_steps or min(self.num_tokens // pipe.token_patch_size**2, 64)  # one unit a step
         self.default_steps = self.fixed_steps or min(8, self.max_steps)
         scheduler_config = pipe.scheduler.config
         self.default_guidance = min(float(scheduler_config.guidance_scale), MAX_GUIDANCE)
