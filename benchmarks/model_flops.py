@@ -55,7 +55,7 @@ def enat_forward_flops(
     seq_len, patch = config.sample_size**2, config.get("patch_size", 1)
     flops = 0
     if patch > 1:  # group embedding and output projections over every group
-        flops += 2 * 2 * (seq_len // patch**2) * patch**2 * dim * dim
+        flops += 2 * 2 * seq_len * dim * dim  # (L / p**2 groups, p**2 D <-> D each)
     if config.text_embed_dim is not None:
         flops += 2 * config.text_embed_dim * dim  # pooled text -> condition
     if num_new is None:

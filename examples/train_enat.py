@@ -85,7 +85,7 @@ from enat_diffusers.utils.cli import (
     run_cli,
     write_file_atomically,
 )
-from enat_diffusers.utils.token_groups import expand_group_mask, group_mask
+from enat_diffusers.utils.token_groups import expand_group_mask, grid_side, group_mask
 from enat_diffusers.utils.training import (
     METADATA_FILE,
     EMAState,
@@ -584,10 +584,9 @@ def load_models(args):
         transformer = cls(**config)
         logger.info(f"Training a new transformer from {args.transformer_config}.")
         if args.sincos_position_embeddings:
-            table = transformer.embed.position_embeddings.weight
-            side = transformer.config.sample_size // getattr(transformer.config, "patch_size", 1)
+            table = transformer.embed.position_embeddings.weight  # one row per position: token or token group
             with torch.no_grad():
-                table.copy_(sincos_grid(side, table.shape[1]))
+                table.copy_(sincos_grid(grid_side(table.shape[0]), table.shape[1]))
     else:
         try:
             config = ENATTransformer2DModel.load_config(pretrained, subfolder="transformer", revision=revision)
@@ -612,13 +611,11 @@ def load_models(args):
             scheduler = MaskedTokenScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
         except (OSError, TypeError, ValueError):  # a pretrained pipeline without a scheduler
             pass
-    if args.beta_alpha_beta is not None:
-        alpha, beta = args.beta_alpha_beta
-        scheduler = MaskedTokenScheduler.from_config(scheduler.config, beta_alpha=alpha, beta_beta=beta)
     # the transformer's token groups are the scheduler's units (a pretrained pipeline's scheduler already has them)
-    scheduler = MaskedTokenScheduler.from_config(
-        scheduler.config, patch_size=getattr(transformer.config, "patch_size", 1)
-    )
+    overrides = {"patch_size": getattr(transformer.config, "patch_size", 1)}
+    if args.beta_alpha_beta is not None:
+        overrides["beta_alpha"], overrides["beta_beta"] = args.beta_alpha_beta
+    scheduler = MaskedTokenScheduler.from_config(scheduler.config, **overrides)
 
     text_encoder = tokenizer = None
     if transformer.config.text_embed_dim is not None:
@@ -1099,8 +1096,7 @@ def train(args, run: TrainingRun, token_cache_dir: Path) -> Optional[ENATPipelin
 
     # 4. Train.
     mask_token_id = transformer.mask_token_id
-    patch_size = getattr(transformer.config, "patch_size", 1)
-
+    patch_size = scheduler.config.patch_size  # the transformer's (load_models)
     if args.lr_warmup_steps >= args.max_train_steps:
         logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} >= --max_train_steps: the run ends warming up.")
 

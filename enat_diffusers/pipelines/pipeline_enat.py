@@ -926,8 +926,8 @@ class ENATPipeline(DiffusionPipeline, ENATLoraLoaderMixin):
         `_guidance_scale`, `_num_timesteps`, `_interrupt`); returns the number of steps.
 
         `min(num_inference_steps, num_masked)` steps run: never more steps than masked tokens (token groups, with a
-        `token_patch_size` above 1). A scheduler with an
-        explicit per-step strategy fixes the number of steps; a start with fewer masked tokens than that is an error.
+        `token_patch_size` above 1). A scheduler with an explicit per-step strategy fixes the number of steps; a start
+        with fewer masked tokens than that is an error.
         """
         steps = min(num_inference_steps, num_masked // self.token_patch_size**2)
         fixed = self.scheduler.strategy_num_steps
