@@ -56,6 +56,8 @@ def enat_forward_flops(
     flops = 0
     if patch > 1:  # group embedding and output projections over every group
         flops += 2 * 2 * seq_len * dim * dim  # (L / p**2 groups, p**2 D <-> D each)
+    elif config.get("project_tokens", False):  # an ungrouped model's input projection, D -> D per token
+        flops += 2 * seq_len * dim * dim
     if config.text_embed_dim is not None:
         flops += 2 * config.text_embed_dim * dim  # pooled text -> condition
     if num_new is None:

@@ -126,6 +126,14 @@ def parse_args(input_args=None):
             "when present, and its `transformer/` is fine-tuned unless --transformer_config is given."
         ),
     )
+    parser.add_argument(
+        "--ungroup",
+        action="store_true",
+        help=(
+            "Fine-tune the pretrained token-group transformer (patch_size > 1) with one position per token "
+            "(`ENATTransformer2DModel.ungroup`): the tokens of a group are then predicted, masked and revealed apart."
+        ),
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of Hub repos.")
     parser.add_argument(
         "--transformer_config",
@@ -288,6 +296,9 @@ def parse_args(input_args=None):
         raise ValueError(f"--coco_annotations_file {args.coco_annotations_file} is not a file.")
     if args.beta_alpha_beta is not None and min(args.beta_alpha_beta) <= 0:
         raise ValueError(f"--beta_alpha_beta must be two positive numbers, got {args.beta_alpha_beta}.")
+    if args.ungroup and (args.transformer_config is not None or args.pretrained_model_name_or_path is None):
+        raise ValueError("--ungroup fine-tunes a pretrained token-group transformer: pass "
+                         "--pretrained_model_name_or_path (and no --transformer_config).")  # fmt: skip
     if args.sincos_position_embeddings and args.transformer_config is None:
         raise ValueError("--sincos_position_embeddings initialises a new model: it needs --transformer_config.")
     for name in ("cond_dropout_prob", "region_mask_prob", "reuse_prob", "label_smoothing", "ema_decay"):
@@ -599,7 +610,13 @@ def load_models(args):
                 f"{pretrained} has no transformer/ to fine-tune ({error_line(error)}): pass --transformer_config for "
                 "a new model."
             ) from None
-        logger.info(f"Fine-tuning the transformer of {pretrained}.")
+        if args.ungroup:
+            if getattr(transformer.config, "patch_size", 1) == 1:
+                raise UsageError(f"--ungroup: the transformer of {pretrained} has no token groups (patch_size 1).")
+            transformer = transformer.ungroup()
+            logger.info(f"Fine-tuning the transformer of {pretrained} with one position per token (--ungroup).")
+        else:
+            logger.info(f"Fine-tuning the transformer of {pretrained}.")
 
     def load_vqvae(path, **kwargs):
         return VQModel.from_pretrained(path, dtype=torch.float32, **kwargs)

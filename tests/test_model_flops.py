@@ -16,12 +16,16 @@ def run(pipe, reuse, guidance_scale, **condition):
 
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
-@pytest.mark.parametrize("kind", ["class", "text", "grouped"])
+@pytest.mark.parametrize("kind", ["class", "text", "grouped", "ungrouped"])
 @torch.no_grad()
 def test_enat_generation_flops_are_exact(kind, reuse, guidance_scale):
     if kind == "grouped":  # 2x2 token groups: 4 positions, so at most 4 steps
         pipe = tiny_class_pipeline(patch_size=2)
         pipe.scheduler = MaskedTokenScheduler(mask_token_id=8, patch_size=2)
+        kind = "class"
+    elif kind == "ungrouped":  # one position per token, with the input projection `ungroup` keeps
+        pipe = tiny_class_pipeline(patch_size=2)
+        pipe.transformer = pipe.transformer.ungroup()
         kind = "class"
     else:
         pipe = tiny_class_pipeline() if kind == "class" else tiny_text_pipeline()

@@ -473,9 +473,10 @@ def test_training_masks_of_a_grouped_model_cover_whole_groups():
         assert int(masked[0].sum()) in (16, 8)  # half of a half's 8 groups or of a quarter's 4, 4 tokens each
 
 
-def test_a_grouped_text_model_trains_resumes_and_generates(base, text_data, tmp_path):
+def test_a_grouped_text_model_trains_resumes_generates_and_ungroups(base, text_data, tmp_path):
     """`"patch_size": 2` in --transformer_config: the scheduler saved with the pipeline gets the same patch_size,
-    the sine-cosine start covers the 4x4 grid of groups, training resumes exactly, and the pipeline generates."""
+    the sine-cosine start covers the 4x4 grid of groups, training resumes exactly, and the pipeline generates; with
+    --ungroup it is fine-tuned as one position per token, and a model without groups is refused."""
     config = tmp_path / "grouped.json"
     config.write_text(json.dumps({**TEXT_CONFIG, "patch_size": 2}))
     common = ["--pretrained_model_name_or_path", base / "components", "--transformer_config", config,
@@ -502,6 +503,22 @@ def test_a_grouped_text_model_trains_resumes_and_generates(base, text_data, tmp_
     ).images  # fmt: skip
     assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
     assert [int(group_mask(ids.reshape(1, 64) == CODES, 2).sum()) for ids in seen] == [13, 8, 0]
+
+    # --ungroup: the same network fine-tuned with one position per token; the scheduler follows
+    train("--pretrained_model_name_or_path", tmp_path / "straight", "--ungroup", "--train_data_dir", text_data, *FAST,
+          "--output_dir", tmp_path / "ungrouped", "--max_train_steps", "2")  # fmt: skip
+    pipe = ENATPipeline.from_pretrained(tmp_path / "ungrouped")
+    assert pipe.transformer.config.patch_size == 1 and pipe.transformer.config.project_tokens
+    assert pipe.scheduler.config.patch_size == 1
+    seen.clear()
+    pipe("a red square at the top left", num_inference_steps=3,
+         callback_on_step_end=lambda p, step, t, tensors: seen.append(tensors["latents"].clone()) or {})  # fmt: skip
+    masked = [int((ids == CODES).sum()) for ids in seen]
+    assert masked[-1] == 0 and any(count % 4 for count in masked)  # single tokens are revealed
+    code, stderr = train_cli("--pretrained_model_name_or_path", tmp_path / "ungrouped", "--ungroup",
+                             "--train_data_dir", text_data, *FAST, "--output_dir", tmp_path / "again")  # fmt: skip
+    assert code == 1 and "has no token groups (patch_size 1)" in stderr.strip().splitlines()[-1], stderr[-2000:]
+    assert not (tmp_path / "again").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------- errors

@@ -3,6 +3,7 @@ import torch
 from conftest import tiny_transformer
 
 from enat_diffusers import ENATReuseState, ENATTransformer2DModel
+from enat_diffusers.utils.token_groups import ungroup_tokens
 
 
 ATOL = 1e-4
@@ -367,3 +368,65 @@ def test_rotary_model_round_trip_and_default_off(tmp_path):
         assert torch.equal(loaded(ids, encoder_hidden_states=text, pooled_text_embeds=pooled).logits, logits)
     with pytest.raises(ValueError, match="multiple of 4"):
         ENATTransformer2DModel(hidden_size=36, num_attention_heads=6, use_rotary_positional_embeddings=True)
+
+
+def test_rotary_positions_of_token_groups_are_in_tokens():
+    """A grid of 2x2 groups is rotated at its groups' token positions: group (r, c) as token (2r, 2c) of the grid
+    twice as wide, so an offset in the image is rotated the same way with and without groups."""
+    from enat_diffusers.models.transformer_enat import grid_rotary_table
+
+    groups = grid_rotary_table(3, 8, spacing=2)
+    tokens = grid_rotary_table(6, 8)
+    rows = torch.tensor([2 * r * 6 + 2 * c for r in range(3) for c in range(3)] + [36])  # and the text row
+    assert all(torch.allclose(g, t[rows]) for g, t in zip(groups, tokens))
+    assert not torch.allclose(groups[0], grid_rotary_table(3, 8)[0])
+    model = tiny_transformer(sample_size=8, patch_size=2, use_rotary_positional_embeddings=True)
+    rotations = model._rotary_emb(torch.arange(17).unsqueeze(0), torch.float32)  # the 4x4 groups, then text
+    assert all(torch.allclose(r[0], t) for r, t in zip(rotations, grid_rotary_table(4, 16, spacing=2)))
+
+
+@torch.no_grad()
+def test_ungroup_computes_the_grouped_model_on_grids_whose_groups_repeat_one_token():
+    """Without rotary positions and text tokens (whose keys would not be repeated), a group and its four copies are
+    attended to alike, so on a grid whose groups each repeat one token, masked or visible as a whole, the ungrouped
+    model's logits are the grouped model's (its four output projections made equal: the head keeps their mean)."""
+    grouped = tiny_transformer(sample_size=8, patch_size=2, num_decoder_layers=2)
+    dim = grouped.config.hidden_size
+    grouped.proj_out.weight.copy_(grouped.proj_out.weight[:dim].repeat(4, 1))
+    grouped.proj_out.bias.copy_(grouped.proj_out.bias[:dim].repeat(4))
+    ungrouped = grouped.ungroup()
+    assert ungrouped.config.patch_size == 1 and ungrouped.config.project_tokens
+    assert grouped.config.patch_size == 2 and grouped.embed.patch_embed.weight.shape == (dim, 4 * dim)  # unchanged
+
+    generator = torch.Generator().manual_seed(0)
+    group_ids = torch.randint(0, 8, (3, 16), generator=generator)
+    group_ids[:, torch.randperm(16, generator=generator)[:9]] = 8  # 9 of 16 groups masked
+    ids = ungroup_tokens(group_ids.unsqueeze(-1).expand(-1, -1, 4), 2)  # (3, 64), each group one token
+    labels = torch.tensor([1, 4, 10])
+    first_grouped, first = grouped(ids, class_labels=labels), ungrouped(ids, class_labels=labels)
+    assert first.logits.shape == (3, 64, 8)
+    assert close(first.logits, first_grouped.logits)
+
+    # and the next step, with the reuse state of the first (3 more groups revealed)
+    revealed = torch.where(group_ids == 8, torch.randint(0, 8, (3, 16), generator=generator), group_ids)
+    masked = torch.sort((group_ids == 8).int(), dim=1, descending=True, stable=True).indices[:, 3:9]  # 6 stay
+    group_ids = revealed.scatter(1, masked, 8)
+    ids = ungroup_tokens(group_ids.unsqueeze(-1).expand(-1, -1, 4), 2)
+    second_grouped = grouped(ids, class_labels=labels, reuse_state=first_grouped.reuse_state)
+    second = ungrouped(ids, class_labels=labels, reuse_state=first.reuse_state)
+    assert close(second.logits, second_grouped.logits)
+
+
+def test_ungroup_round_trip_and_errors(tmp_path):
+    ungrouped = tiny_transformer(sample_size=8, patch_size=2, use_rotary_positional_embeddings=True).ungroup()
+    ungrouped.save_pretrained(tmp_path)
+    loaded = ENATTransformer2DModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.project_tokens and loaded.embed.patch_embed.weight.shape == (32, 32)
+    ids = torch.randint(0, 8, (2, 64))
+    ids[:, 5:40] = 8
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, class_labels=torch.tensor([0, 3])).logits,
+                           ungrouped.eval()(ids, class_labels=torch.tensor([0, 3])).logits)  # fmt: skip
+    assert tiny_transformer().embed.patch_embed is None  # the released layout: no projection of single tokens
+    with pytest.raises(ValueError, match="one position per token already"):
+        loaded.ungroup()

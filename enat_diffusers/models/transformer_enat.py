@@ -113,14 +113,18 @@ class ENATTokenEmbedding(nn.Module):
     """
     Token embedding (codebook + [MASK]) plus a learned absolute position embedding, then LayerNorm. With
     `patch_size > 1` a position is a `patch_size x patch_size` group of tokens: their embeddings are concatenated and
-    projected to one (`patch_embed`), as a patch embedding does with pixels.
+    projected to one (`patch_embed`), as a patch embedding does with pixels. `project_tokens` gives one position per
+    token that projection too (the models of `ENATTransformer2DModel.ungroup`).
     """
 
-    def __init__(self, vocab_size: int, num_positions: int, hidden_size: int, patch_size: int = 1):
+    def __init__(
+        self, vocab_size: int, num_positions: int, hidden_size: int, patch_size: int = 1, project_tokens: bool = False
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
-        if patch_size > 1:
+        self.patch_embed = None
+        if patch_size > 1 or project_tokens:
             self.patch_embed = nn.Linear(patch_size**2 * hidden_size, hidden_size)
         self.position_embeddings = nn.Embedding(num_positions, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -128,7 +132,7 @@ class ENATTokenEmbedding(nn.Module):
     def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """`(B, L)` token ids -> `(B, L / patch_size**2, D)` position embeddings."""
         embeddings = self.word_embeddings(input_ids)  # (B, L, D)
-        if self.patch_size > 1:
+        if self.patch_embed is not None:
             embeddings = self.patch_embed(group_tokens(embeddings, self.patch_size).flatten(2))  # (B, G, D)
         positions = torch.arange(embeddings.shape[1], device=input_ids.device)
         return self.norm(embeddings + self.position_embeddings(positions))
@@ -151,16 +155,18 @@ class ENATPrevProjection(nn.Module):
         return hidden_states + self.ff(self.norm(hidden_states))
 
 
-def grid_rotary_table(side: int, head_dim: int, theta: float = 10000.0):
+def grid_rotary_table(side: int, head_dim: int, spacing: int = 1, theta: float = 10000.0):
     """
-    2D rotary frequencies of a `side` x `side` token grid in raster order: the first half of each head's features
-    rotates with the row, the second half with the column (as Flux and Lumina split their axes). Returns `(cos, sin)`,
-    each `(side**2 + 1, head_dim)`; the extra last row is the identity (cos 1, sin 0), the rotation of tokens without
-    a grid position (text tokens).
+    2D rotary frequencies of a `side` x `side` grid in raster order: the first half of each head's features rotates
+    with the row, the second half with the column (as Flux and Lumina split their axes). Positions are in tokens: the
+    rows and columns of a grid of `spacing` x `spacing` token groups are `spacing` tokens apart, so a model with token
+    groups and one without rotate the same offset in the image the same way (`ENATTransformer2DModel.ungroup`).
+    Returns `(cos, sin)`, each `(side**2 + 1, head_dim)`; the extra last row is the identity (cos 1, sin 0), the
+    rotation of tokens without a grid position (text tokens).
     """
     positions = torch.arange(side * side)
     tables = [
-        get_1d_rotary_pos_embed(head_dim // 2, axis, theta, use_real=True, repeat_interleave_real=True)
+        get_1d_rotary_pos_embed(head_dim // 2, axis * spacing, theta, use_real=True, repeat_interleave_real=True)
         for axis in (positions // side, positions % side)
     ]
     cos, sin = (torch.cat([table[i] for table in tables], dim=-1) for i in (0, 1))  # (L, head_dim)
@@ -168,9 +174,9 @@ def grid_rotary_table(side: int, head_dim: int, theta: float = 10000.0):
 
 
 @functools.lru_cache(maxsize=None)
-def device_rotary_table(side: int, head_dim: int, device: torch.device):
+def device_rotary_table(side: int, head_dim: int, device: torch.device, spacing: int = 1):
     """`grid_rotary_table` on `device`, built once per size and device (the models index it at every forward)."""
-    return tuple(t.to(device) for t in grid_rotary_table(side, head_dim))
+    return tuple(t.to(device) for t in grid_rotary_table(side, head_dim, spacing))
 
 
 def apply_rotary(x: torch.Tensor, rotary: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -394,6 +400,10 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             concatenated and projected (`embed.patch_embed`), and its output is projected back to one feature per
             token (`proj_out`) before the tied output head. A group is masked or visible as a whole: the pipelines'
             scheduler needs the same `patch_size`.
+        project_tokens (`bool`, defaults to `False`): This package's extension, for `patch_size` 1 (with token
+            groups the projection is always there): each token's embedding goes through a linear projection
+            (`embed.patch_embed`) before its position embedding is added. `ungroup` sets it, to keep the input
+            projection of the token-group model it starts from.
     """
 
     _supports_gradient_checkpointing = True
@@ -421,6 +431,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         # this package's extension
         use_rotary_positional_embeddings: bool = False,
         patch_size: int = 1,
+        project_tokens: bool = False,
     ):
         super().__init__()
         if (num_classes is None) == (text_embed_dim is None):
@@ -439,7 +450,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
             )
 
         # vocabulary: the codebook plus [MASK] (id = codebook_size)
-        self.embed = ENATTokenEmbedding(codebook_size + 1, grid_positions, hidden_size, patch_size)
+        self.embed = ENATTokenEmbedding(codebook_size + 1, grid_positions, hidden_size, patch_size, project_tokens)
         if num_classes is not None:
             self.class_embedding = nn.Embedding(num_classes + 1, hidden_size)  # last row: null class
         else:
@@ -518,8 +529,8 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
     def _rotary_emb(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)`, each `(B, N, head_dim)`, of raster `positions` `(B, N)` (`sample_size**2`: no rotation)."""
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        side = self.config.sample_size // self.config.patch_size
-        table = device_rotary_table(side, head_dim, positions.device)
+        patch_size = self.config.patch_size
+        table = device_rotary_table(self.config.sample_size // patch_size, head_dim, positions.device, patch_size)
         return tuple(t[positions].to(dtype) for t in table)
 
     def _rotary_embs(self, positions, num_text: int, num_old: int, num_new: int, reuse: bool, dtype):
@@ -659,6 +670,43 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         if not return_dict:
             return (logits, state)
         return ENATTransformer2DModelOutput(logits=logits, reuse_state=state)
+
+    @torch.no_grad()
+    def ungroup(self) -> "ENATTransformer2DModel":
+        """
+        The same network with one position per token (`patch_size` 1), to fine-tune a model trained on token groups
+        where a group's tokens must be predicted apart (a group's tokens come from one state, so they cannot agree).
+        The blocks, the condition layers and the output head keep their weights; rotary positions are in tokens for
+        both (`grid_rotary_table`), so attention sees the same offsets. A token's position embedding is its group's;
+        its input projection (`project_tokens`) reads it as a group of copies of itself (the sum of the group
+        projection's slices), so on a grid whose groups each repeat one token the new model's blocks see what this
+        one's saw; its output is the mean of the group's `proj_out` projections, folded into the head's dense layer.
+        Returns a new model on this one's device and dtype; this one is unchanged.
+        """
+        patch_size = self.config.patch_size
+        if patch_size == 1:
+            raise ValueError("This transformer has one position per token already (patch_size 1): nothing to ungroup.")
+        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
+        model = type(self).from_config({**config, "patch_size": 1, "project_tokens": True}).to(self.device)
+        if model.dtype != self.dtype:
+            model = model.to(self.dtype)
+        state = {
+            name: value
+            for name, value in self.state_dict().items()
+            if not name.startswith(("embed.patch_embed.weight", "embed.position_embeddings.", "proj_out."))
+        }
+        dim = self.config.hidden_size
+        state["embed.patch_embed.weight"] = self.embed.patch_embed.weight.unflatten(1, (patch_size**2, dim)).sum(1)
+        group_positions = self.embed.position_embeddings.weight  # (G, D), one row per group in raster order
+        repeated = group_positions.unsqueeze(1).expand(-1, patch_size**2, -1)  # (G, p*p, D)
+        state["embed.position_embeddings.weight"] = ungroup_tokens(repeated.unsqueeze(0), patch_size)[0]  # (L, D)
+        out_weight = self.proj_out.weight.unflatten(0, (patch_size**2, dim)).mean(0)  # (D, D)
+        out_bias = self.proj_out.bias.unflatten(0, (patch_size**2, dim)).mean(0)
+        dense = self.mlm_head.dense
+        state["mlm_head.dense.weight"] = dense.weight @ out_weight
+        state["mlm_head.dense.bias"] = dense.weight @ out_bias + dense.bias
+        model.load_state_dict(state)
+        return model
 
     # ------------------------------------------------------------------ inputs
 
