@@ -686,8 +686,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         patch_size = self.config.patch_size
         if patch_size == 1:
             raise ValueError("This transformer has one position per token already (patch_size 1): nothing to ungroup.")
-        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
-        model = type(self).from_config({**config, "patch_size": 1, "project_tokens": True}).to(self.device)
+        model = type(self).from_config(self.config, patch_size=1, project_tokens=True).to(self.device)
         if model.dtype != self.dtype:
             model = model.to(self.dtype)
         state = {
