@@ -283,12 +283,22 @@ def _relative(root: Path, path: Optional[str]) -> Optional[str]:
 
 
 def list_images(root: Path) -> List[str]:
-    """The image files under `root` (recursive), as sorted posix paths relative to it."""
+    """The image files under `root` (recursive), as sorted posix paths relative to it: the files that 🤗 datasets'
+    `imagefolder` reads (its image extensions; no hidden files or folders, nor ones whose name starts with `__`),
+    listed directly, as `load_dataset` takes about 25 s to resolve 30,000 files."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"the data folder {root} does not exist")
-    dataset = _imagefolder(root, drop_labels=True, drop_metadata=True)
-    return sorted(_relative(root, image["path"]) for image in dataset["image"]) if dataset is not None else []
+    extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
+    files = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.suffix.lower() in extensions and path.is_file():
+            if not any(part.startswith((".", "__")) for part in relative.parts):
+                files.append(relative.as_posix())
+    return sorted(files)
 
 
 def _check_caption(text, where: str) -> str:
