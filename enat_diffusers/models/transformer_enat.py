@@ -686,9 +686,7 @@ class ENATTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attentio
         patch_size = self.config.patch_size
         if patch_size == 1:
             raise ValueError("This transformer has one position per token already (patch_size 1): nothing to ungroup.")
-        model = type(self).from_config(self.config, patch_size=1, project_tokens=True).to(self.device)
-        if model.dtype != self.dtype:
-            model = model.to(self.dtype)
+        model = type(self).from_config(self.config, patch_size=1, project_tokens=True).to(self.device, self.dtype)
         state = {
             name: value
             for name, value in self.state_dict().items()

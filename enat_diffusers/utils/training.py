@@ -264,10 +264,8 @@ def examples(items, limit: int = 5) -> str:
 def _imagefolder(root: Path, **kwargs):
     """🤗 datasets' `imagefolder` of `root` (the "train" split), its images as paths (not decoded)."""
     import datasets
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    extensions = set(ImageFolder.EXTENSIONS)
-    if not any(path.suffix.lower() in extensions for path in root.rglob("*")):
+    if not list_images(root):
         return None
     datasets.disable_progress_bars()
     try:
