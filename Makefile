@@ -43,17 +43,17 @@ endif
 CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-encoder-layers 3,--preset $(PRESET))
 
 # `make train-demo`: data -> patch-id VQ model -> CLIP text encoder -> ENAT (token groups, then one position per
-# token) -> VQ decoder fine-tune -> sampling sweep -> ShapesEval, into $(TRAIN_DIR), in about 84 minutes on 2 cores
-# (the model card has each stage's time and the ShapesEval-against-minutes curve). Every stage resumes from its last
-# checkpoint when interrupted; a finished stage is skipped. Copy the result over the shipped model with
-# `make install-demo-model`.
+# token) -> VQ decoder fine-tune -> sampling sweep -> ShapesEval, into $(TRAIN_DIR), in 82 minutes on a 2-core
+# Intel Xeon with AMX (the model card has each stage's time; slower CPUs take longer: about 100 minutes estimated on a
+# 2-core AMD EPYC, where ENAT_TOKEN_STEPS=3500 fits in 90). Every stage resumes from its last checkpoint when
+# interrupted; a finished stage is skipped. Copy the result over the shipped model with `make install-demo-model`.
 TRAIN_DIR ?= outputs/train-demo
 VQ_SEED ?= 0
 CLIP_SEED ?= 0
 # The ENAT stage trains on 2 x 2 token groups first (a training image 2.5 times cheaper), then fine-tunes the same
 # network with one position per token (--ungroup), where a group's tokens can agree with each other.
-ENAT_GROUP_STEPS ?= 6000
-ENAT_TOKEN_STEPS ?= 2000
+ENAT_GROUP_STEPS ?= 4000
+ENAT_TOKEN_STEPS ?= 5000
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: the ENAT stages get every core. The VQ model and
 # the text encoder run on the thread counts their recipes were measured with: the thread count changes the numerics,
 # and these short runs are sensitive to it (on 2 threads the VQ model's reconstructions pass ShapesEval 84 % instead of
@@ -159,9 +159,11 @@ $(TRAIN_DIR)/enat-shapes/model_index.json: $(TRAIN_DIR)/enat/model_index.json
 		--train_batch_size 32 --sampling_temperature 0.5 --checkpointing_steps 200 --seed 0 \
 		--resume_from_checkpoint latest
 
-# the sampling defaults (guidance, temperatures) chosen by ShapesEval on other prompts than the reported ones
+# the sampling defaults (guidance, mask temperature) chosen by ShapesEval on other prompts than the reported ones; 300
+# of them, as 100 rank settings a few points apart on noise
 $(TRAIN_DIR)/enat-shapes/sampling_sweep.json: $(TRAIN_DIR)/enat-shapes/model_index.json
-	$(PY) examples/shapes/sampling_sweep.py --model $(TRAIN_DIR)/enat-shapes --json $@.tmp --write-best
+	$(PY) examples/shapes/sampling_sweep.py --model $(TRAIN_DIR)/enat-shapes --num-prompts 300 \
+		--guidance-scales 1.5 2 --mask-temperatures 1.5 3 9 --json $@.tmp --write-best
 	mv $@.tmp $@
 
 $(TRAIN_DIR)/enat-shapes/shapes_eval.json: $(TRAIN_DIR)/enat-shapes/sampling_sweep.json
