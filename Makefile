@@ -128,8 +128,9 @@ $(TRAIN_DIR)/vqgan/vqvae/config.json: $(SHAPES_TRAIN)/metadata.jsonl
 # decoder that failed.
 $(TRAIN_DIR)/vqgan/tokenizer_report.json: $(TRAIN_DIR)/vqgan/vqvae/config.json
 	$(PY) examples/shapes/tokenizer_report.py --vqvae $(TRAIN_DIR)/vqgan/vqvae --data $(SHAPES_VAL) \
-		--min-shapes-eval 85 --json $@.tmp || (rm -f $@.tmp; echo "retrain the VQ model in another folder, e.g." \
-		"make train-demo TRAIN_DIR=$(TRAIN_DIR)-seed1 VQ_SEED=1" && false)
+		--min-shapes-eval 85 --json $@.tmp || (rm -f $@.tmp; echo "retrain the VQ model with another seed, keeping" \
+		"the data and the text encoder: rm -r $(TRAIN_DIR)/vqgan && make train-demo TRAIN_DIR=$(TRAIN_DIR) VQ_SEED=1" \
+		&& false)
 	mv $@.tmp $@
 
 # A text encoder that confuses captions caps everything trained on it: stop before the ENAT stage when its held-out
