@@ -43,17 +43,17 @@ endif
 CONVERT_ARCH := $(if $(filter tiny,$(PRESET)),--num-attention-heads 4 --num-encoder-layers 3,--preset $(PRESET))
 
 # `make train-demo`: data -> patch-id VQ model -> CLIP text encoder -> ENAT (token groups, then one position per
-# token) -> VQ decoder fine-tune -> sampling sweep -> ShapesEval, into $(TRAIN_DIR), in 82 minutes on a 2-core
-# Intel Xeon with AMX (the model card has each stage's time; slower CPUs take longer: about 100 minutes estimated on a
-# 2-core AMD EPYC, where ENAT_TOKEN_STEPS=3500 fits in 90). Every stage resumes from its last checkpoint when
-# interrupted; a finished stage is skipped. Copy the result over the shipped model with `make install-demo-model`.
+# token) -> VQ decoder fine-tune -> sampling sweep -> ShapesEval, into $(TRAIN_DIR), in 74 minutes on a 2-core
+# Intel Xeon with AMX (the model card has each stage's time; its ENAT steps take 1.3 times as long on a 2-core AVX-512
+# AMD EPYC: about 90 minutes there, estimated). Every stage resumes from its last checkpoint when interrupted; a
+# finished stage is skipped. Copy the result over the shipped model with `make install-demo-model`.
 TRAIN_DIR ?= outputs/train-demo
 VQ_SEED ?= 0
 CLIP_SEED ?= 0
 # The ENAT stage trains on 2 x 2 token groups first (a training image 2.5 times cheaper), then fine-tunes the same
 # network with one position per token (--ungroup), where a group's tokens can agree with each other.
 ENAT_GROUP_STEPS ?= 4000
-ENAT_TOKEN_STEPS ?= 5000
+ENAT_TOKEN_STEPS ?= 4000
 # accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: the VQ model and the ENAT stages get every core. The
 # text encoder runs on the thread count its recipe was measured with: the thread count changes the numerics, and this
 # short run is sensitive to it (on 1 thread its held-out retrieval is 85.1 % instead of 93.7 %).
