@@ -25,11 +25,12 @@ written to `OUTPUT_DIR/patch_codes.json`.
         --validation_data_dir shapes/validation --output_dir patch-vq --num_masks 48 --train_batch_size 32 \\
         --max_train_steps 1000 --learning_rate 3e-3
 
-On the 30,000-image Shapes split this gives 241 ids, 99.4 % of held-out patches encoded to their id and 28.7-30.2 dB
-PSNR through them (about 5.5 minutes on 2 threads), and reconstructions that pass ShapesEval 99.5 % of the time. The
-shipped Shapes model was trained with 600 steps (27.8 dB); with so few, small triangles can come out in the wrong
-colour and small squares round, depending on the seed and the CPU. `make train-demo` uses this command; how ENAT fares
-on these ids against learned ones is in docs/shapes-model-experiments.md ("Ids that spell their patch" and after).
+On the 30,000-image Shapes split this gives 241 ids, 99.4-99.5 % of held-out patches encoded to their id and
+28.7-30.6 dB PSNR through them (about 6 minutes on 2 threads), and reconstructions that pass ShapesEval 99.5-99.8 % of
+the time (seeds 0 and 1, 1 and 2 threads). The shipped Shapes model was trained with 600 steps (27.8 dB); with so
+few, small triangles can come out in the wrong colour and small squares round, depending on the seed and the CPU.
+`make train-demo` uses this command; how ENAT fares on these ids against learned ones is in
+docs/shapes-model-experiments.md ("Ids that spell their patch" and after).
 
 Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
 """
